@@ -1,0 +1,156 @@
+"""``quiesce``: the one command a pod, a Procfile and a developer use.
+
+* ``quiesce serve`` — validate the configuration, then replace this process with
+  Granian serving the app, set up for a pod: ASGI interface, 0.0.0.0:$PORT, one
+  worker, the app factory, the asyncio loop, no respawn of a failed worker (a dead
+  worker exits the process, so Kubernetes restarts the pod).
+* ``quiesce check`` — validate the configuration and reach the store; exit 0 when
+  both are fine (for an init container, or by hand).
+* ``quiesce drain`` — the preStop hook: start the drain of the local server and
+  wait until it has finished, at most ``--timeout`` seconds.
+
+Exit codes: 0 success; 1 the check or the drain failed; 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import httpx
+
+from service import __version__
+from service.config import ConfigError, Settings
+from service.granian_bridge import MAIN_PID_ENV
+
+APP_FACTORY: Final = "service.web.app:create_app"
+EXIT_FAILED: Final = 1
+EXIT_CONFIG: Final = 2
+
+
+def granian_argv(settings: Settings, host: str) -> list[str]:
+    """The Granian command line ``quiesce serve`` runs (also checked by the deploy tests)."""
+    return [
+        sys.executable, "-m", "granian",
+        "--interface", "asgi",
+        "--host", host,
+        "--port", str(settings.port),
+        "--workers", "1",
+        "--loop", "asyncio",
+        "--no-ws",
+        "--factory",
+        APP_FACTORY,
+    ]  # fmt: skip
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(os.environ)
+    argv = granian_argv(settings, args.host)
+    # exec keeps this PID, so Granian's main process is the PID the bridge is told.
+    env = {**os.environ, MAIN_PID_ENV: str(os.getpid())}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)  # noqa: S606 - a fixed argv, no shell
+
+
+def check(args: argparse.Namespace) -> int:
+    from service.store import open_store
+    from service.tasks.loader import build_registry
+
+    settings = Settings.from_env(os.environ)
+    registry = build_registry(settings)
+    print(f"configuration: ok (worker {settings.worker_id}, port {settings.port})")
+    print(f"tasks: {', '.join(t.name for t in registry)}")
+    if settings.redis_url is None:
+        print("store: memory (QUIESCE_REDIS_URL is not set)")
+        return 0
+
+    async def ping() -> None:
+        store = open_store(settings)
+        try:
+            await asyncio.wait_for(store.ping(), args.timeout)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:
+        print(f"store: redis unreachable: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    print("store: redis reachable")
+    return 0
+
+
+def drain(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(os.environ)
+    timeout = args.timeout if args.timeout is not None else settings.shutdown_grace_seconds + 5
+    url = args.url or f"http://127.0.0.1:{settings.port}"
+    headers = {}
+    if settings.api_token is not None:
+        headers["Authorization"] = f"Bearer {settings.api_token}"
+    try:
+        response = httpx.post(
+            f"{url}/admin/drain",
+            params={"wait": timeout},
+            headers=headers,
+            timeout=timeout + 5,
+        )
+    except httpx.HTTPError as exc:
+        print(f"drain: no answer from {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if response.status_code != 202:
+        print(f"drain: {url} answered {response.status_code}: {response.text}", file=sys.stderr)
+        return EXIT_FAILED
+    state = response.json()
+    drain_info = state.get("drain") or {}
+    if state.get("state") != "stopped":
+        print(
+            f"drain: not finished after {timeout:g}s; {state.get('active_count')} runs still active",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"drain: finished (trigger {drain_info.get('trigger')}, "
+        f"{drain_info.get('active_at_start')} runs active at start, "
+        f"{drain_info.get('cancelled')} cancelled)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quiesce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"quiesce {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="serve the API with Granian on $PORT")
+    serve_cmd.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    serve_cmd.set_defaults(run=serve)
+
+    check_cmd = commands.add_parser("check", help="validate the configuration and reach the store")
+    check_cmd.add_argument("--timeout", type=float, default=5.0, help="store timeout (seconds)")
+    check_cmd.set_defaults(run=check)
+
+    drain_cmd = commands.add_parser("drain", help="drain the local server (the preStop hook)")
+    drain_cmd.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for the drain (default: QUIESCE_SHUTDOWN_GRACE_SECONDS + 5)",
+    )
+    drain_cmd.add_argument("--url", default=None, help="server URL (default http://127.0.0.1:$PORT)")
+    drain_cmd.set_defaults(run=drain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return code

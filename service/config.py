@@ -1,0 +1,184 @@
+"""Settings: a pure function of the environment, validated once at start.
+
+Every variable of the contract is read here and nowhere else. A bad value raises
+:class:`ConfigError` whose message is one line naming the variable, which the CLI
+prints before exiting with status 2 — a pod with a typo in its manifest should
+say so in its first log line, not fail later in a request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+LogFormat = Literal["json", "console"]
+
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_HOSTNAME_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
+class ConfigError(ValueError):
+    """A variable of the environment has a value the service cannot run with."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """The validated configuration of one process (see README, "Configuration")."""
+
+    port: int = 8000
+    redis_url: str | None = None
+    shutdown_grace_seconds: float = 25.0
+    max_active_runs: int = 100
+    run_timeout_seconds: float = 3600.0
+    run_retention_seconds: int = 86400
+    api_token: str | None = None
+    worker_id: str = "quiesce"
+    task_modules: tuple[str, ...] = ()
+    http_allowed_hosts: tuple[str, ...] = ()
+    #: ``None`` means "json when stderr is not a terminal"; decided by service.logging.
+    log_format: LogFormat | None = None
+    lease_ttl_seconds: float = 15.0
+    callback_secret: str | None = None
+    webhook_secret: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Read and validate every variable; raise ConfigError naming the first bad one."""
+        env = _Env(environ)
+        return cls(
+            port=env.integer("PORT", 8000, minimum=1, maximum=65535),
+            redis_url=env.redis_url(),
+            shutdown_grace_seconds=env.number("QUIESCE_SHUTDOWN_GRACE_SECONDS", 25.0, minimum=0),
+            max_active_runs=env.integer("QUIESCE_MAX_ACTIVE_RUNS", 100, minimum=1),
+            run_timeout_seconds=env.number(
+                "QUIESCE_RUN_TIMEOUT_SECONDS", 3600.0, minimum=0, exclusive=True
+            ),
+            run_retention_seconds=env.integer("QUIESCE_RUN_RETENTION_SECONDS", 86400, minimum=60),
+            api_token=env.secret("QUIESCE_API_TOKEN"),
+            worker_id=env.worker_id(),
+            task_modules=env.modules("QUIESCE_TASK_MODULES"),
+            http_allowed_hosts=env.hosts("QUIESCE_HTTP_ALLOWED_HOSTS"),
+            log_format=env.log_format(),
+            lease_ttl_seconds=env.number("QUIESCE_LEASE_TTL_SECONDS", 15.0, minimum=3),
+            callback_secret=env.secret("QUIESCE_CALLBACK_SECRET"),
+            webhook_secret=env.secret("QUIESCE_WEBHOOK_SECRET"),
+        )
+
+
+class _Env:
+    """Typed readers over the environment; each error names its variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def integer(
+        self, name: str, default: int, *, minimum: int, maximum: int | None = None
+    ) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            parsed = int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
+        if parsed < minimum or (maximum is not None and parsed > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name}: must be {bounds}, got {parsed}")
+        return parsed
+
+    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            parsed = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number of seconds, got {value!r}") from None
+        if parsed != parsed or parsed in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        if parsed < minimum or (exclusive and parsed == minimum):
+            relation = ">" if exclusive else ">="
+            raise ConfigError(f"{name}: must be {relation} {minimum:g}, got {value}")
+        return parsed
+
+    def secret(self, name: str) -> str | None:
+        # The value is never echoed: a misconfigured secret must not reach the logs.
+        value = self.raw(name)
+        if value is not None and len(value) < 16:
+            raise ConfigError(f"{name}: must be at least 16 characters long")
+        return value
+
+    def redis_url(self) -> str | None:
+        for name in ("QUIESCE_REDIS_URL", "REDIS_URL"):
+            value = self.raw(name)
+            if value is None:
+                continue
+            scheme = urlsplit(value).scheme
+            if scheme not in _REDIS_SCHEMES:
+                raise ConfigError(
+                    f"{name}: expected a redis://, rediss:// or unix:// URL, got scheme {scheme!r}"
+                )
+            return value
+        return None
+
+    def worker_id(self) -> str:
+        value = self.raw("QUIESCE_WORKER_ID") or socket.gethostname()
+        if not _WORKER_ID_RE.match(value):
+            raise ConfigError(
+                "QUIESCE_WORKER_ID: use letters, digits, '.', '_' or '-' (at most 253), "
+                f"got {value!r}"
+            )
+        return value
+
+    def modules(self, name: str) -> tuple[str, ...]:
+        items = _split_list(self.raw(name))
+        for item in items:
+            if not _MODULE_RE.match(item):
+                raise ConfigError(f"{name}: {item!r} is not a dotted module name")
+        return items
+
+    def hosts(self, name: str) -> tuple[str, ...]:
+        items = tuple(item.lower() for item in _split_list(self.raw(name)))
+        for item in items:
+            if not _is_host_pattern(item):
+                raise ConfigError(
+                    f"{name}: {item!r} is not a hostname, '*.domain', IP address or CIDR block"
+                )
+        return items
+
+    def log_format(self) -> LogFormat | None:
+        value = self.raw("QUIESCE_LOG_FORMAT")
+        if value is None:
+            return None
+        if value == "json":
+            return "json"
+        if value == "console":
+            return "console"
+        raise ConfigError(f"QUIESCE_LOG_FORMAT: expected 'json' or 'console', got {value!r}")
+
+
+def _split_list(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _is_host_pattern(item: str) -> bool:
+    try:
+        ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        return bool(_HOSTNAME_RE.match(item))
+    return True

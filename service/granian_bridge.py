@@ -1,0 +1,113 @@
+"""The bridge between Granian's signal handling and the drain — the only module that
+knows how Granian stops. Tested with granian 2.8.x (the range pinned in pyproject).
+
+Why it exists. On SIGTERM/SIGINT a Granian worker closes its listener at once
+(readiness would read "connection refused", not 503), then waits without limit for
+every open connection (an SSE stream holds it forever), and only then runs the ASGI
+lifespan shutdown. A drain started there is too late. So, in the worker:
+
+1. At lifespan startup :func:`install` replaces the worker's SIGTERM/SIGINT handlers
+   (which Granian put on the asyncio loop) with one that only calls
+   ``Lifecycle.begin_drain`` — the server keeps serving while the drain runs.
+2. When the drain has finished, the saved Granian handlers are put back and the
+   worker sends itself SIGTERM: Granian stops as it always does, now with no run
+   left and no stream open, and the process exits 0.
+3. A drain started over HTTP (``POST /admin/drain``, i.e. the preStop hook) ends the
+   same way, after a short linger that lets ``quiesce drain`` read the result
+   first; the worker then asks Granian's main process to stop (SIGTERM to the
+   parent), so the exit is a clean 0 rather than "a worker died". In Kubernetes the
+   kubelet's SIGTERM usually arrives first and takes path 2.
+
+``quiesce serve`` runs Granian with ``--loop asyncio`` (the handlers live in the
+asyncio loop's table) and sets ``QUIESCE_GRANIAN_MAIN_PID``; if the handlers cannot
+be taken over under Granian, start-up fails rather than run without a drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any, Final
+
+import structlog
+
+from service.lifecycle import Lifecycle
+
+log = structlog.get_logger(__name__)
+
+#: Set by ``quiesce serve`` to the PID of Granian's main process.
+MAIN_PID_ENV: Final = "QUIESCE_GRANIAN_MAIN_PID"
+SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+#: After an HTTP-triggered drain: time for ``quiesce drain`` to read the result.
+LINGER_SECONDS: Final = 0.5
+
+
+def install(lifecycle: Lifecycle) -> bool:
+    """Take over the worker's signal handlers; False when not running under Granian."""
+    main_pid = os.environ.get(MAIN_PID_ENV)
+    if main_pid is None:
+        return False
+    loop = asyncio.get_running_loop()
+    # asyncio's Unix loops keep {signal: Handle}; Granian's handlers are in there.
+    table: Any = getattr(loop, "_signal_handlers", None)
+    saved = {sig: table.get(sig) for sig in SIGNALS} if isinstance(table, dict) else {}
+    if not saved or not all(saved.values()):
+        raise RuntimeError(
+            "cannot take over Granian's signal handlers (is it running with --loop asyncio?); "
+            "refusing to serve without a drain"
+        )
+    bridge = _Bridge(loop, lifecycle, saved, int(main_pid))
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, bridge.on_signal, sig)
+    lifecycle.on_stopped(bridge.on_drained)
+    log.info("granian_bridge_installed", main_pid=int(main_pid))
+    return True
+
+
+class _Bridge:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lifecycle: Lifecycle,
+        saved: dict[signal.Signals, Any],
+        main_pid: int,
+    ) -> None:
+        self._loop = loop
+        self._lifecycle = lifecycle
+        self._saved = saved
+        self._main_pid = main_pid
+        self._signalled = False
+        self._handed_back = False
+
+    def on_signal(self, sig: int) -> None:
+        self._signalled = True
+        if self._lifecycle.stopped.is_set():
+            self._hand_back()  # drained already (over HTTP): stop now
+            return
+        self._lifecycle.begin_drain(signal.Signals(sig).name)
+
+    def on_drained(self) -> None:
+        if self._signalled:
+            self._hand_back()
+        else:
+            self._loop.call_later(LINGER_SECONDS, self._stop_main)
+
+    def _stop_main(self) -> None:
+        if self._handed_back:
+            return
+        if os.getppid() != self._main_pid:
+            # Not Granian's worker after all (or orphaned): stop this process directly.
+            self._hand_back()
+            return
+        log.info("stopping_server", via="main_process")
+        os.kill(self._main_pid, signal.SIGTERM)  # it forwards SIGTERM here → on_signal
+
+    def _hand_back(self) -> None:
+        if self._handed_back:
+            return
+        self._handed_back = True
+        for sig, handle in self._saved.items():
+            self._loop.add_signal_handler(sig, handle._callback, *handle._args)
+        log.info("stopping_server", via="worker_signal")
+        os.kill(os.getpid(), signal.SIGTERM)

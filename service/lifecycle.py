@@ -1,0 +1,75 @@
+"""The replica's lifecycle: ``starting → ready → draining → stopped``.
+
+One idempotent drain serves every trigger (``POST /admin/drain``, SIGTERM,
+SIGINT): a trigger only calls :meth:`Lifecycle.begin_drain`, which flips the state
+synchronously — readiness reads 503 and creates are refused from the next request
+on — and starts the single drain task. Once the scheduler has finalized every run,
+the state becomes ``stopped`` and the ``on_stopped`` callbacks run; under Granian
+that is where the server is told to stop (``service.granian_bridge``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Literal
+
+import structlog
+
+from service.scheduler import DrainProgress, Scheduler
+
+log = structlog.get_logger(__name__)
+
+State = Literal["starting", "ready", "draining", "stopped"]
+
+
+class Lifecycle:
+    def __init__(self, scheduler: Scheduler, *, grace_seconds: float) -> None:
+        self._scheduler = scheduler
+        self._grace = grace_seconds
+        self.state: State = "starting"
+        #: Set when the drain begins; open event streams end on it.
+        self.draining = asyncio.Event()
+        #: Set when the drain has finished (every run finalized).
+        self.stopped = asyncio.Event()
+        self.trigger: str | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._on_stopped: list[Callable[[], None]] = []
+
+    @property
+    def grace_seconds(self) -> float:
+        return self._grace
+
+    def mark_ready(self) -> None:
+        if self.state == "starting":
+            self.state = "ready"
+            log.info("ready", worker_id=self._scheduler.worker_id)
+
+    def on_stopped(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the drain has finished."""
+        self._on_stopped.append(callback)
+
+    def begin_drain(self, trigger: str) -> None:
+        """Start the drain (idempotent: a second trigger neither restarts nor extends it)."""
+        if self._drain_task is not None:
+            log.info("drain_already_running", trigger=trigger, first_trigger=self.trigger)
+            return
+        self.trigger = trigger
+        self.state = "draining"
+        self._scheduler.begin_drain()
+        self.draining.set()
+        log.info("drain_triggered", trigger=trigger)
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="quiesce-drain")
+
+    async def wait_stopped(self) -> DrainProgress | None:
+        await self.stopped.wait()
+        return self._scheduler.drain_progress
+
+    async def _drain(self) -> None:
+        try:
+            await self._scheduler.drain(self._grace)
+        finally:
+            self.state = "stopped"
+            self.stopped.set()
+            for callback in self._on_stopped:
+                callback()

@@ -1,0 +1,127 @@
+"""Prometheus metrics, in a registry owned by the app (never the global one).
+
+One Granian worker per pod is the supported model, so the process's own registry
+is the pod's truth and no multiprocess collector is needed. Label values are
+bounded: task names come from the registry, statuses and reasons from fixed sets,
+and HTTP routes are route templates (``/v1/runs/{run_id}``), never raw paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, get_args
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from service.schemas import FailureReason
+
+REJECT_REASONS: Final = ("draining", "capacity", "invalid", "unauthorized", "store_unavailable")
+CANCEL_REASONS: Final = ("user", "shutdown", "timeout")
+FINISHED_STATUSES: Final = ("succeeded", "failed", "cancelled")
+CALLBACK_OUTCOMES: Final = ("delivered", "failed")
+#: Runs last from milliseconds to a day; the buckets span that range.
+RUN_DURATION_BUCKETS: Final = (
+    0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400,
+)  # fmt: skip
+HTTP_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Every metric of the contract (README, "Metrics"), plus HTTP request metrics."""
+
+    def __init__(self, *, max_active_runs: int, task_names: Iterable[str] = ()) -> None:
+        # ``_created`` series double the count and no dashboard reads them.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.active_runs = Gauge(
+            "quiesce_active_runs", "Runs executing in this replica (the HPA signal).", registry=r
+        )
+        self.max_active_runs = Gauge(
+            "quiesce_max_active_runs", "Admission limit of this replica.", registry=r
+        )
+        self.draining = Gauge("quiesce_draining", "1 while this replica drains.", registry=r)
+        self.runs_started = Counter(
+            "quiesce_runs_started_total", "Runs admitted and started.", ["task"], registry=r
+        )
+        self.runs_finished = Counter(
+            "quiesce_runs_finished_total",
+            "Runs that reached a terminal status here.",
+            ["task", "status"],
+            registry=r,
+        )
+        self.run_failures = Counter(
+            "quiesce_run_failures_total", "Failed runs by reason.", ["task", "reason"], registry=r
+        )
+        self.run_cancellations = Counter(
+            "quiesce_run_cancellations_total",
+            "Runs whose task was cancelled, by why (user, shutdown, timeout).",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.run_duration = Histogram(
+            "quiesce_run_duration_seconds",
+            "Wall time from admission to the terminal write.",
+            ["task", "status"],
+            buckets=RUN_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.runs_rejected = Counter(
+            "quiesce_runs_rejected_total", "Create requests refused, by reason.", ["reason"], registry=r
+        )
+        self.store_errors = Counter(
+            "quiesce_store_errors_total",
+            "Store operations that failed because the store was unreachable.",
+            ["operation"],
+            registry=r,
+        )
+        self.orphans_reaped = Counter(
+            "quiesce_orphans_reaped_total",
+            "Runs of lost workers finalized as worker_lost by this replica.",
+            registry=r,
+        )
+        self.callbacks = Counter(
+            "quiesce_callbacks_total", "Completion callbacks by outcome.", ["outcome"], registry=r
+        )
+        self.http_requests = Counter(
+            "quiesce_http_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "quiesce_http_request_duration_seconds",
+            "HTTP request latency by route template and method (streams: until the end).",
+            ["method", "route"],
+            buckets=HTTP_DURATION_BUCKETS,
+            registry=r,
+        )
+
+        self.max_active_runs.set(max_active_runs)
+        # Series exist from the first scrape, so rate() and alerts see a zero, not a gap.
+        for reason in REJECT_REASONS:
+            self.runs_rejected.labels(reason)
+        for outcome in CALLBACK_OUTCOMES:
+            self.callbacks.labels(outcome)
+        for task in task_names:
+            self.runs_started.labels(task)
+            for status in FINISHED_STATUSES:
+                self.runs_finished.labels(task, status)
+            for failure in get_args(FailureReason):
+                if failure != "cancelled":
+                    self.run_failures.labels(task, failure)
+            for cancel in CANCEL_REASONS:
+                self.run_cancellations.labels(task, cancel)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

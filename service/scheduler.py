@@ -1,0 +1,474 @@
+"""Admission, execution and finalization of runs in this process; and the drain.
+
+The scheduler is the core: it receives the store, the task registry, the shared
+HTTP client and a clock, and does no I/O of its own beyond calling them. Its
+rules:
+
+* **Admission** is one synchronous check-and-reserve: refuse while draining
+  (Draining → 503) or at ``max_active_runs`` (AtCapacity → 429), else reserve a
+  slot. No ``await`` separates the check from the reservation, which is what makes
+  it atomic under asyncio — a lock would add nothing, and holding one across the
+  store write would serialize every create. The record is then persisted, and only
+  then is the task started; a reservation counts as active from the start, so a
+  drain that begins mid-admission still waits for (or cancels) that run.
+* **Supervision**: each run has one supervisor task that runs the task function,
+  enforces the deadline, reacts to cancel requests, and finalizes the run exactly
+  once through the store's compare-and-set. The outcome is decided in one place:
+  if the task function has finished, its result stands; otherwise the first reason
+  to stop it (user cancel, shutdown, timeout) does.
+* **Drain**: refuse new runs at once (``begin_drain``, synchronous), wait up to the
+  grace for active runs, cancel the rest as ``failed``/``shutdown``, and return only
+  when every run of this process has been written terminal (or the bounded
+  finalization budget is spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import hashlib
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal
+
+import httpx
+import msgspec
+import structlog
+
+from service.errors import AtCapacity, Draining, StoreUnavailable
+from service.metrics import Metrics
+from service.schemas import (
+    CreateRunRequest,
+    RunError,
+    RunStatus,
+    RunProgress,
+    RunRecord,
+    RunStarted,
+    RunStartedData,
+    request_fingerprint,
+    utcnow,
+)
+from service.store.base import CancelOutcome, RunStore
+from service.tasks.base import RunContext, Task, TaskRegistry
+
+log = structlog.get_logger(__name__)
+
+CancelReason = Literal["user", "shutdown", "timeout"]
+
+#: How long a cancelled task function gets to unwind before its run is finalized
+#: anyway (a task that swallows CancelledError is left behind, and logged).
+CANCEL_WAIT_SECONDS: Final = 0.5
+#: After the grace: the most a drain spends cancelling and writing what is left.
+#: With the server's own stop this keeps "drain start to exit" within grace + 2 s.
+DRAIN_FINALIZE_BUDGET_SECONDS: Final = 1.0
+FINALIZE_RETRY_MAX_SECONDS: Final = 5.0
+
+_OUTCOME_MESSAGES: Final[dict[CancelReason, tuple[RunStatus, str]]] = {
+    # reason → (status, message)
+    "user": ("cancelled", "cancelled by request"),
+    "shutdown": ("failed", "the worker shut down before the run finished"),
+    "timeout": ("failed", "the run exceeded its timeout"),
+}
+
+
+def new_run_id() -> str:
+    return "run_" + _b32(secrets.token_bytes(16))
+
+
+def run_id_for_key(idempotency_key: str) -> str:
+    """The run id an idempotency key maps to, so the key lives with the run's keys."""
+    return "run_" + _b32(hashlib.sha256(b"quiesce-idempotency:" + idempotency_key.encode()).digest())
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode().rstrip("=").lower()[:26]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The record a create answers with; ``replayed`` for an idempotent repeat."""
+
+    record: RunRecord
+    replayed: bool
+
+
+@dataclass(eq=False)
+class _ActiveRun:
+    record: RunRecord
+    task: Task[Any]
+    params: msgspec.Struct
+    admitted_at: float
+    deadline: float
+    cancel_reason: CancelReason | None = None
+    #: Resolved by a cancel request, to wake the supervisor.
+    wake: asyncio.Future[None] | None = None
+    supervisor: asyncio.Task[None] | None = None
+    #: The terminal record once decided, before it is written.
+    outcome: RunRecord | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+
+@dataclass
+class DrainProgress:
+    started_at: datetime
+    grace_seconds: float
+    active_at_start: int
+    cancelled: int = 0
+    finished: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        store: RunStore,
+        registry: TaskRegistry,
+        metrics: Metrics,
+        http: httpx.AsyncClient,
+        worker_id: str,
+        max_active_runs: int,
+        default_timeout_seconds: float,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._metrics = metrics
+        self._http = http
+        self._worker_id = worker_id
+        self._max_active = max_active_runs
+        self._default_timeout = default_timeout_seconds
+        self._now = now
+        self._runs: dict[str, _ActiveRun] = {}
+        self._draining = False
+        self._drain_task: asyncio.Task[DrainProgress] | None = None
+        self.drain_progress: DrainProgress | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        store.listen_for_cancels(worker_id, self)
+
+    # --- state ----------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id
+
+    @property
+    def max_active_runs(self) -> int:
+        return self._max_active
+
+    def active_runs(self) -> list[tuple[RunRecord, float]]:
+        """(record, age in seconds) of every run this process holds, oldest first."""
+        now = asyncio.get_running_loop().time()
+        return [(run.record, now - run.admitted_at) for run in self._runs.values()]
+
+    # --- admission ------------------------------------------------------------------
+
+    async def create(
+        self, request: CreateRunRequest, *, idempotency_key: str | None = None
+    ) -> Admission:
+        """Admit, persist and start a run (see the module docstring for the order)."""
+        task = self._registry.get(request.task)
+        params = task.parse_input(request.input)
+        run_id = new_run_id() if idempotency_key is None else run_id_for_key(idempotency_key)
+        active = self._reserve(run_id, task, params, request)
+        claimed = False
+        try:
+            if idempotency_key is not None:
+                original = await self._store.claim_idempotency(
+                    run_id, request_fingerprint(request)
+                )
+                if original is not None:
+                    self._release(active)
+                    return Admission(record=original, replayed=True)
+                claimed = True
+            started = RunStarted(
+                created_at=active.record.created_at,
+                data=RunStartedData(worker_id=self._worker_id),
+            )
+            await self._store.create(active.record, started)
+        except BaseException:
+            self._release(active)
+            if claimed:
+                self._spawn(self._store.release_idempotency(run_id))
+            raise
+        self._start(active)
+        return Admission(record=active.record, replayed=False)
+
+    def _reserve(
+        self, run_id: str, task: Task[Any], params: msgspec.Struct, request: CreateRunRequest
+    ) -> _ActiveRun:
+        if self._draining:
+            self._metrics.runs_rejected.labels("draining").inc()
+            raise Draining("this replica is draining and admits no new runs")
+        if len(self._runs) >= self._max_active:
+            self._metrics.runs_rejected.labels("capacity").inc()
+            raise AtCapacity(
+                f"this replica is at its limit of {self._max_active} active runs",
+                max_active_runs=self._max_active,
+            )
+        timeout = request.timeout_seconds or self._default_timeout
+        now = self._now()
+        record = RunRecord(
+            run_id=run_id,
+            task=task.name,
+            status="running",
+            created_at=now,
+            updated_at=now,
+            worker_id=self._worker_id,
+            metadata=request.metadata,
+            timeout_seconds=timeout,
+            callback_url=request.callback_url,
+        )
+        loop_now = asyncio.get_running_loop().time()
+        active = _ActiveRun(
+            record=record,
+            task=task,
+            params=params,
+            admitted_at=loop_now,
+            deadline=loop_now + timeout,
+        )
+        self._runs[run_id] = active
+        self._metrics.active_runs.set(len(self._runs))
+        return active
+
+    def _release(self, active: _ActiveRun) -> None:
+        if self._runs.get(active.run_id) is active:
+            del self._runs[active.run_id]
+            self._metrics.active_runs.set(len(self._runs))
+        active.done.set()
+
+    def _start(self, active: _ActiveRun) -> None:
+        self._metrics.runs_started.labels(active.task.name).inc()
+        # A fresh context: the run must not inherit the request's bound log context.
+        active.supervisor = asyncio.create_task(
+            self._supervise(active), name=f"quiesce-run-{active.run_id}", context=contextvars.Context()
+        )
+
+    # --- supervision ----------------------------------------------------------------
+
+    async def _supervise(self, active: _ActiveRun) -> None:
+        structlog.contextvars.bind_contextvars(run_id=active.run_id, task=active.task.name)
+        log.info("run_started", timeout_seconds=active.record.timeout_seconds)
+        try:
+            active.outcome = await self._execute(active)
+            await self._finalize(active, active.outcome)
+        finally:
+            self._release(active)
+
+    async def _execute(self, active: _ActiveRun) -> RunRecord:
+        """Run the task function; return the terminal record its ending calls for."""
+        if active.cancel_reason is not None:  # cancelled while being admitted
+            return self._stopped_record(active, active.cancel_reason)
+        loop = asyncio.get_running_loop()
+        context = RunContext(
+            run_id=active.run_id,
+            emit=lambda data: self._emit(active, data),
+            http=self._http,
+            log=log.bind(),
+            deadline=active.record.created_at + timedelta(seconds=active.record.timeout_seconds),
+        )
+        work = asyncio.create_task(active.task.fn(context, active.params))
+        active.wake = loop.create_future()
+        try:
+            await asyncio.wait(
+                [work, active.wake],
+                timeout=max(0.0, active.deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        if work.done():
+            return self._finished_record(active, work)
+        reason: CancelReason = active.cancel_reason or "timeout"
+        active.cancel_reason = reason
+        self._metrics.run_cancellations.labels(active.task.name, reason).inc()
+        log.info("run_cancelling", reason=reason)
+        work.cancel()
+        await asyncio.wait([work], timeout=CANCEL_WAIT_SECONDS)
+        if not work.done():
+            log.warning("task_ignored_cancellation", waited_seconds=CANCEL_WAIT_SECONDS)
+        return self._stopped_record(active, reason)
+
+    async def _emit(self, active: _ActiveRun, data: dict[str, Any]) -> bool:
+        event = RunProgress(created_at=self._now(), data=msgspec.to_builtins(data))
+        return await self._store.append(active.run_id, event) is not None
+
+    def _finished_record(self, active: _ActiveRun, work: asyncio.Task[Any]) -> RunRecord:
+        if work.cancelled():
+            return self._terminal(active, "failed", RunError(reason="error", message="CancelledError"))
+        exc = work.exception()
+        if exc is not None:
+            log.warning("run_task_raised", exc_info=exc)
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return self._terminal(active, "failed", RunError(reason="error", message=message))
+        try:
+            output = msgspec.to_builtins(work.result())
+        except (TypeError, ValueError) as exc:
+            message = f"the task returned a value that is not JSON: {exc}"
+            return self._terminal(active, "failed", RunError(reason="error", message=message))
+        return self._terminal(active, "succeeded", None, output=output)
+
+    def _stopped_record(self, active: _ActiveRun, reason: CancelReason) -> RunRecord:
+        status, message = _OUTCOME_MESSAGES[reason]
+        if reason == "timeout":
+            message = f"{message} of {active.record.timeout_seconds:g}s"
+        failure = "cancelled" if reason == "user" else reason
+        return self._terminal(active, status, RunError(reason=failure, message=message))
+
+    def _terminal(
+        self, active: _ActiveRun, status: RunStatus, error: RunError | None, output: Any = None
+    ) -> RunRecord:
+        now = self._now()
+        return msgspec.structs.replace(
+            active.record, status=status, updated_at=now, finished_at=now, output=output, error=error
+        )
+
+    async def _finalize(self, active: _ActiveRun, record: RunRecord) -> None:
+        """Write the terminal record; retry while the store is unreachable."""
+        delay = 0.1
+        while True:
+            try:
+                won = await self._store.finalize(record)
+                break
+            except StoreUnavailable as exc:
+                log.warning("finalize_retrying", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, FINALIZE_RETRY_MAX_SECONDS)
+        if not won:
+            log.info("run_already_terminal", attempted=record.status)
+            return
+        self._record_finished(active, record)
+
+    def _record_finished(self, active: _ActiveRun, record: RunRecord) -> None:
+        task = active.task.name
+        self._metrics.runs_finished.labels(task, record.status).inc()
+        if record.status == "failed" and record.error is not None:
+            self._metrics.run_failures.labels(task, record.error.reason).inc()
+        duration = asyncio.get_running_loop().time() - active.admitted_at
+        self._metrics.run_duration.labels(task, record.status).observe(duration)
+        log.info(
+            "run_finished",
+            status=record.status,
+            reason=None if record.error is None else record.error.reason,
+            duration_seconds=round(duration, 3),
+        )
+
+    # --- cancellation ---------------------------------------------------------------
+
+    async def cancel(self, run_id: str) -> CancelOutcome:
+        """Request cancellation of a run wherever it runs (RunNotFound if none)."""
+        outcome = await self._store.request_cancel(run_id)
+        if outcome is CancelOutcome.REQUESTED:
+            self.cancel_requested(run_id)  # ours? then no need to wait for the notification
+        return outcome
+
+    def cancel_requested(self, run_id: str) -> None:
+        """CancelListener: a user cancel for a run of this worker."""
+        self._cancel_local(run_id, "user")
+
+    def resync(self) -> None:
+        """CancelListener: notifications may have been missed; re-read the flags."""
+        if self._runs:
+            self._spawn(self._resync())
+
+    async def _resync(self) -> None:
+        try:
+            flagged = await self._store.cancel_requested(list(self._runs))
+        except StoreUnavailable:
+            return  # the listener resyncs again after its next reconnect
+        for run_id in flagged:
+            self._cancel_local(run_id, "user")
+
+    def _cancel_local(self, run_id: str, reason: CancelReason) -> None:
+        active = self._runs.get(run_id)
+        if active is None or active.cancel_reason is not None or active.outcome is not None:
+            return
+        active.cancel_reason = reason
+        if active.wake is not None and not active.wake.done():
+            active.wake.set_result(None)
+
+    # --- drain ----------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Refuse new runs from now on. Synchronous, so it takes effect this loop turn."""
+        if not self._draining:
+            self._draining = True
+            self._metrics.draining.set(1)
+
+    async def drain(self, grace_seconds: float) -> DrainProgress:
+        """Drain once; later calls wait for the same drain (it is never restarted)."""
+        self.begin_drain()
+        if self._drain_task is None:
+            self.drain_progress = DrainProgress(
+                started_at=self._now(), grace_seconds=grace_seconds, active_at_start=len(self._runs)
+            )
+            self._drain_task = asyncio.create_task(self._drain(self.drain_progress))
+        return await asyncio.shield(self._drain_task)
+
+    async def _drain(self, progress: DrainProgress) -> DrainProgress:
+        log.info("drain_started", active_runs=len(self._runs), grace_seconds=progress.grace_seconds)
+        await self._wait_for_runs(progress.grace_seconds)
+        leftovers = list(self._runs.values())
+        for active in leftovers:
+            if active.cancel_reason is None and active.outcome is None:
+                progress.cancelled += 1
+            self._cancel_local(active.run_id, "shutdown")
+        if leftovers:
+            log.info("drain_cancelling", runs=len(leftovers))
+            await self._wait_for_runs(DRAIN_FINALIZE_BUDGET_SECONDS / 2)
+            await self._force_finalize(DRAIN_FINALIZE_BUDGET_SECONDS / 2)
+        progress.finished = True
+        log.info("drain_finished", cancelled=progress.cancelled)
+        return progress
+
+    async def _wait_for_runs(self, timeout: float) -> None:
+        waits = [asyncio.ensure_future(run.done.wait()) for run in self._runs.values()]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for wait in pending:
+            wait.cancel()
+
+    async def _force_finalize(self, timeout: float) -> None:
+        """Write what supervisors could not (a store retry loop, a stuck admission)."""
+        stuck = list(self._runs.values())
+        for active in stuck:
+            if active.supervisor is not None:
+                active.supervisor.cancel()
+        if not stuck:
+            return
+        log.warning("drain_forcing_finalization", runs=len(stuck))
+
+        async def write(active: _ActiveRun) -> None:
+            record = active.outcome or self._stopped_record(active, "shutdown")
+            try:
+                if await self._store.finalize(record):
+                    self._record_finished(active, record)
+            except StoreUnavailable:
+                log.error("run_left_running", run_id=active.run_id, status="store_unavailable")
+            finally:
+                self._release(active)
+
+        done, pending = await asyncio.wait([asyncio.ensure_future(write(a)) for a in stuck], timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for active in stuck:
+            self._release(active)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

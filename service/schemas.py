@@ -1,0 +1,212 @@
+"""The wire and storage schemas: msgspec Structs, and nothing else.
+
+Encoders and decoders are built once here, at import, because building them per
+call is the expensive part of msgspec (see its performance tips).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
+
+#: Why a run did not succeed. ``cancelled`` goes with status ``cancelled``; the
+#: others with status ``failed``.
+FailureReason = Literal["error", "timeout", "shutdown", "worker_lost", "cancelled"]
+
+TaskName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=63)]
+MetadataValue = Annotated[str, Meta(max_length=1024)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=64)]
+#: A week: a longer deadline is almost certainly a unit mistake (ms for s).
+MAX_TIMEOUT_SECONDS: Final = 7 * 24 * 3600.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CreateRunRequest(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/runs``. Only ``task`` is required."""
+
+    task: TaskName
+    #: Validated against the task's own input Struct before the run is admitted.
+    input: dict[str, Any] = {}
+    timeout_seconds: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_SECONDS)] | None = None
+    callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
+    metadata: Metadata = {}
+
+
+class RunError(Struct, kw_only=True, frozen=True):
+    reason: FailureReason
+    message: str
+
+
+class RunRecord(Struct, kw_only=True, frozen=True):
+    """The durable state of one run, as ``GET /v1/runs/{run_id}`` returns it."""
+
+    run_id: str
+    task: str
+    status: RunStatus
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    worker_id: str
+    metadata: dict[str, str] = {}
+    timeout_seconds: float
+    callback_url: str | None = None
+    output: Any = None
+    error: RunError | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+# --- events ------------------------------------------------------------------
+# Events are a tagged union on "type". ``id`` is the cursor the store assigned; it is
+# empty until the event has been appended.
+
+
+class RunStartedData(Struct, kw_only=True, frozen=True):
+    worker_id: str
+
+
+class RunSucceededData(Struct, kw_only=True, frozen=True):
+    output: Any
+
+
+class RunFailedData(Struct, kw_only=True, frozen=True):
+    reason: FailureReason
+    message: str
+
+
+class RunCancelledData(Struct, kw_only=True, frozen=True):
+    reason: FailureReason
+
+
+class _Event(Struct, kw_only=True, frozen=True, tag_field="type"):
+    id: str = ""
+    created_at: datetime
+
+
+class RunStarted(_Event, tag="run_started"):
+    data: RunStartedData
+
+
+class RunProgress(_Event, tag="run_progress"):
+    data: dict[str, Any]
+
+
+class RunSucceeded(_Event, tag="run_succeeded"):
+    data: RunSucceededData
+
+
+class RunFailed(_Event, tag="run_failed"):
+    data: RunFailedData
+
+
+class RunCancelled(_Event, tag="run_cancelled"):
+    data: RunCancelledData
+
+
+Event = RunStarted | RunProgress | RunSucceeded | RunFailed | RunCancelled
+TerminalEvent = RunSucceeded | RunFailed | RunCancelled
+TERMINAL_EVENT_TYPES: Final = (RunSucceeded, RunFailed, RunCancelled)
+
+
+def event_type(event: Event) -> str:
+    """The ``type`` tag of an event (``run_started``, ...)."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def is_terminal_event(event: Event) -> bool:
+    return isinstance(event, TERMINAL_EVENT_TYPES)
+
+
+def terminal_event_for(record: RunRecord) -> TerminalEvent:
+    """The one terminal event that goes with a terminal record."""
+    when = record.finished_at or record.updated_at
+    if record.status == "succeeded":
+        return RunSucceeded(created_at=when, data=RunSucceededData(output=record.output))
+    assert record.error is not None, "a failed or cancelled record carries its error"
+    if record.status == "cancelled":
+        return RunCancelled(created_at=when, data=RunCancelledData(reason=record.error.reason))
+    return RunFailed(
+        created_at=when,
+        data=RunFailedData(reason=record.error.reason, message=record.error.message),
+    )
+
+
+class EventPage(Struct, kw_only=True, frozen=True):
+    """Body of ``GET /v1/runs/{run_id}/events``; ``next_cursor`` is the last id (or the
+    ``after`` given when the page is empty), to pass as ``after`` next time."""
+
+    events: list[Event]
+    next_cursor: str | None
+
+
+class TaskInfo(Struct, kw_only=True, frozen=True):
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+
+
+class TaskList(Struct, kw_only=True, frozen=True):
+    tasks: list[TaskInfo]
+
+
+# --- replica state (GET /admin/state) ------------------------------------------
+
+
+class ActiveRunInfo(Struct, kw_only=True, frozen=True):
+    run_id: str
+    task: str
+    age_seconds: float
+
+
+class DrainInfo(Struct, kw_only=True, frozen=True):
+    trigger: str | None
+    started_at: datetime
+    grace_seconds: float
+    #: When the grace ends and whatever still runs is cancelled.
+    cancel_at: datetime
+    active_at_start: int
+    active_now: int
+    cancelled: int
+    finished: bool
+
+
+class ReplicaState(Struct, kw_only=True, frozen=True):
+    state: Literal["starting", "ready", "draining", "stopped"]
+    worker_id: str
+    active_runs: list[ActiveRunInfo]
+    active_count: int
+    max_active_runs: int
+    drain: DrainInfo | None = None
+
+
+# --- codecs ------------------------------------------------------------------
+
+json_encoder: Final = msgspec.json.Encoder()
+record_decoder: Final = msgspec.json.Decoder(RunRecord)
+event_decoder: Final = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+request_decoder: Final = msgspec.json.Decoder(CreateRunRequest)
+
+
+def request_fingerprint(request: CreateRunRequest) -> str:
+    """A digest of a create request that ignores key order and whitespace.
+
+    Idempotency compares bodies by meaning, so a client that re-serializes the same
+    request differently still gets its original response back.
+    """
+    canonical = msgspec.json.encode(request, order="sorted")
+    return hashlib.sha256(canonical).hexdigest()

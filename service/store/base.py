@@ -1,0 +1,126 @@
+"""The ``RunStore`` interface that both stores implement, and the rules they share.
+
+A store owns the durable state of runs: the record, the event log and the
+idempotency claim. It also carries two kinds of notification between replicas:
+"a cancel was requested for a run you own" and "a run has new events".
+
+The rules every implementation keeps (``tests/integration/test_store_contract.py``
+checks each against both stores):
+
+* a run is created exactly once, with its ``run_started`` event;
+* terminal finalization is one compare-and-set: the first terminal write wins, the
+  status and the terminal event are written together, and a later finalize changes
+  nothing and returns False;
+* nothing is appended to a run's events after its terminal event;
+* event cursors increase, and ``after`` is exclusive.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Collection
+from contextlib import AbstractAsyncContextManager
+from typing import Final, Protocol
+
+from service.errors import InvalidInput
+from service.schemas import Event, RunProgress, RunRecord, RunStarted
+
+#: Events kept per run; older progress events are trimmed first (the terminal event
+#: is always the newest, so it is never trimmed).
+MAX_EVENTS_PER_RUN: Final = 10_000
+
+#: How long an idempotency claim lives while its create is being admitted. Admission
+#: takes milliseconds; the bound only matters when a process dies mid-admission.
+CLAIM_TTL_SECONDS: Final = 30
+
+_CURSOR_RE: Final = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+
+def parse_cursor(cursor: str) -> tuple[int, int]:
+    """Check a client-supplied cursor (``<ms>-<seq>``, as Redis stream ids are)."""
+    if not _CURSOR_RE.match(cursor):
+        raise InvalidInput(
+            f"invalid cursor {cursor!r}: expected the id of an event", field="after", source="query"
+        )
+    ms, seq = cursor.split("-")
+    return int(ms), int(seq)
+
+
+class CancelOutcome(enum.Enum):
+    REQUESTED = "requested"
+    ALREADY_CANCELLED = "already_cancelled"
+    FINISHED = "finished"
+
+
+class CancelListener(Protocol):
+    """What the scheduler gives the store to hear about cancels of its runs."""
+
+    def cancel_requested(self, run_id: str) -> None:
+        """A cancel was requested (on any replica) for a run this worker owns."""
+
+    def resync(self) -> None:
+        """Notifications may have been missed (e.g. a reconnect): check the flags again."""
+
+
+class EventWatch(Protocol):
+    async def wait(self) -> None:
+        """Return once the run may have new events since the last call."""
+
+
+class RunStore(Protocol):
+    """The durable state of runs. Errors reaching the store raise StoreUnavailable."""
+
+    async def start(self) -> None:
+        """Open connections and start background listeners."""
+
+    async def close(self) -> None:
+        """Stop listeners and close connections; every write has completed before."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers now."""
+
+    def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
+        """Deliver cancel requests for runs owned by ``worker_id``. Call before start()."""
+
+    async def claim_idempotency(self, run_id: str, fingerprint: str) -> RunRecord | None:
+        """Reserve ``run_id`` (derived from an idempotency key) for a create.
+
+        Returns None when this caller holds the claim and must create the run (or
+        release the claim), or the run's original record when the key was already
+        used with the same body. Raises IdempotencyMismatch for a different body and
+        IdempotencyInProgress while another request holds the claim.
+        """
+
+    async def release_idempotency(self, run_id: str) -> None:
+        """Give up a claim whose create was refused, so the key can be used again."""
+
+    async def create(self, record: RunRecord, started: RunStarted) -> None:
+        """Persist a new run with its ``run_started`` event (and settle its claim)."""
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        """The run's current record, or None if it does not exist."""
+
+    async def append(self, run_id: str, event: RunProgress) -> str | None:
+        """Append a progress event; its cursor, or None when the run is already terminal."""
+
+    async def finalize(self, record: RunRecord) -> bool:
+        """Write a terminal record and its terminal event if the run is still running.
+
+        Returns True when this call won, False when another terminal state was there.
+        """
+
+    async def events(self, run_id: str, *, after: str | None, limit: int) -> list[Event] | None:
+        """Up to ``limit`` events after the cursor, oldest first; None if no such run."""
+
+    def watch(self, run_id: str) -> AbstractAsyncContextManager[EventWatch]:
+        """Be told about new events of one run. Enter before reading so nothing is missed."""
+
+    async def request_cancel(self, run_id: str) -> CancelOutcome:
+        """Flag a running run for cancellation and notify its owner wherever it runs.
+
+        Raises RunNotFound when there is no such run.
+        """
+
+    async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
+        """Which of these runs have a pending cancel request (for resyncs)."""

@@ -1,0 +1,18 @@
+-- Claim a run id derived from an idempotency key.
+-- KEYS[1] run hash
+-- ARGV[1] request fingerprint, ARGV[2] claim ttl (s)
+-- Returns {"claimed"} | {"mismatch"} | {"pending"} | {"replay", initial_record_json}
+local fingerprint = redis.call('HGET', KEYS[1], 'fingerprint')
+if not fingerprint then
+  redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {'claimed'}
+end
+if fingerprint ~= ARGV[1] then
+  return {'mismatch'}
+end
+local initial = redis.call('HGET', KEYS[1], 'initial')
+if not initial then
+  return {'pending'}
+end
+return {'replay', initial}

@@ -1,0 +1,203 @@
+"""The embedded store: everything in this process's memory.
+
+It is the default when no Redis URL is configured, for local use and tests. It
+keeps the same rules as the Redis store (see ``base``), but nothing survives the
+process and replicas cannot share it. Every method runs without awaiting
+anything in between its reads and writes, which is what makes each one atomic
+under asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from bisect import bisect_right
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import msgspec
+
+from service.errors import IdempotencyInProgress, IdempotencyMismatch, RunNotFound
+from service.schemas import Event, RunProgress, RunRecord, RunStarted, terminal_event_for
+from service.store.base import (
+    CLAIM_TTL_SECONDS,
+    MAX_EVENTS_PER_RUN,
+    CancelListener,
+    CancelOutcome,
+    EventWatch,
+    parse_cursor,
+)
+
+
+class _Watch:
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+
+@dataclass(eq=False)
+class _Entry:
+    expires_at: float
+    record: RunRecord | None = None
+    initial: RunRecord | None = None
+    fingerprint: str | None = None
+    events: list[Event] = field(default_factory=list)
+    keys: list[tuple[int, int]] = field(default_factory=list)
+    cancel_requested: bool = False
+    watches: set[_Watch] = field(default_factory=set)
+
+
+class MemoryRunStore:
+    """A RunStore in a dict; runs expire after the retention period."""
+
+    def __init__(self, *, retention_seconds: float, max_events: int = MAX_EVENTS_PER_RUN) -> None:
+        self._retention = retention_seconds
+        self._max_events = max_events
+        self._runs: dict[str, _Entry] = {}
+        self._listeners: dict[str, CancelListener] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
+        self._listeners[worker_id] = listener
+
+    # --- creation -------------------------------------------------------------
+
+    async def claim_idempotency(self, run_id: str, fingerprint: str) -> RunRecord | None:
+        entry = self._live(run_id)
+        if entry is None:
+            self._runs[run_id] = _Entry(
+                expires_at=time.monotonic() + CLAIM_TTL_SECONDS, fingerprint=fingerprint
+            )
+            return None
+        if entry.fingerprint != fingerprint:
+            raise IdempotencyMismatch("the idempotency key was used with a different request body")
+        if entry.initial is None:
+            raise IdempotencyInProgress("a request with this idempotency key is being admitted")
+        return entry.initial
+
+    async def release_idempotency(self, run_id: str) -> None:
+        entry = self._runs.get(run_id)
+        if entry is not None and entry.record is None:
+            del self._runs[run_id]
+
+    async def create(self, record: RunRecord, started: RunStarted) -> None:
+        self._expire()
+        entry = self._runs.get(record.run_id)
+        if entry is None:
+            entry = self._runs[record.run_id] = _Entry(expires_at=0.0)
+        entry.expires_at = time.monotonic() + self._retention
+        entry.record = entry.initial = record
+        self._add_event(entry, started)
+
+    # --- reads ------------------------------------------------------------------
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        entry = self._live(run_id)
+        return None if entry is None else entry.record
+
+    async def events(self, run_id: str, *, after: str | None, limit: int) -> list[Event] | None:
+        entry = self._live(run_id)
+        if entry is None or entry.record is None:
+            return None
+        start = 0 if after is None else bisect_right(entry.keys, parse_cursor(after))
+        return entry.events[start : start + limit]
+
+    @asynccontextmanager
+    async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
+        entry = self._live(run_id)
+        watch = _Watch()
+        if entry is not None:
+            entry.watches.add(watch)
+        try:
+            yield watch
+        finally:
+            if entry is not None:
+                entry.watches.discard(watch)
+
+    # --- writes -----------------------------------------------------------------
+
+    async def append(self, run_id: str, event: RunProgress) -> str | None:
+        entry = self._live(run_id)
+        if entry is None or entry.record is None or entry.record.is_terminal:
+            return None
+        return self._add_event(entry, event)
+
+    async def finalize(self, record: RunRecord) -> bool:
+        entry = self._live(record.run_id)
+        if entry is None or entry.record is None:
+            return False
+        if entry.record.is_terminal:
+            return entry.record == record  # the same write again wins again, as in Redis
+        entry.record = record
+        self._add_event(entry, terminal_event_for(record))
+        return True
+
+    async def request_cancel(self, run_id: str) -> CancelOutcome:
+        entry = self._live(run_id)
+        if entry is None or entry.record is None:
+            raise RunNotFound(f"run {run_id} not found")
+        record = entry.record
+        if record.status == "cancelled":
+            return CancelOutcome.ALREADY_CANCELLED
+        if record.is_terminal:
+            return CancelOutcome.FINISHED
+        entry.cancel_requested = True
+        listener = self._listeners.get(record.worker_id)
+        if listener is not None:
+            # Delivered on a later loop turn, as a notification from Redis would be.
+            asyncio.get_running_loop().call_soon(listener.cancel_requested, run_id)
+        return CancelOutcome.REQUESTED
+
+    async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
+        return {
+            run_id
+            for run_id in run_ids
+            if (entry := self._live(run_id)) is not None and entry.cancel_requested
+        }
+
+    # --- internals --------------------------------------------------------------
+
+    def _live(self, run_id: str) -> _Entry | None:
+        entry = self._runs.get(run_id)
+        if entry is not None and entry.expires_at <= time.monotonic():
+            del self._runs[run_id]
+            return None
+        return entry
+
+    def _add_event(self, entry: _Entry, event: Event) -> str:
+        now_ms = int(time.time() * 1000)
+        if entry.keys and entry.keys[-1][0] >= now_ms:
+            key = (entry.keys[-1][0], entry.keys[-1][1] + 1)
+        else:
+            key = (now_ms, 0)
+        cursor = f"{key[0]}-{key[1]}"
+        entry.events.append(msgspec.structs.replace(event, id=cursor))
+        entry.keys.append(key)
+        if len(entry.events) > self._max_events:
+            del entry.events[0], entry.keys[0]
+        for watch in entry.watches:
+            watch.notify()
+        return cursor
+
+    def _expire(self) -> None:
+        """Drop expired runs; dicts keep insertion order, so the oldest come first."""
+        now = time.monotonic()
+        for run_id, entry in list(self._runs.items()):
+            if entry.expires_at > now:
+                break
+            del self._runs[run_id]

@@ -1,0 +1,252 @@
+"""The durable store: Redis, shared by every replica.
+
+Keys of one run share the hash tag ``{run_id}`` so every script touches one slot and
+also runs on Redis Cluster:
+
+* ``quiesce:{<run_id>}:run`` — a hash: ``record`` (the run as JSON), ``status`` (what
+  the scripts compare), ``worker`` (the owner), ``cancel`` (a pending cancel
+  request), and for runs created with an idempotency key ``fingerprint`` and
+  ``initial`` (the record returned by the original create);
+* ``quiesce:{<run_id>}:events`` — a stream capped at ``MAX_EVENTS_PER_RUN`` entries.
+
+While a run is running its keys live for retention plus its timeout (so a long run
+does not expire under its owner); the terminal write resets them to the retention.
+Every state change is one Lua script (``lua/``) sent through the group-commit
+pipeline; notifications travel on Pub/Sub channels (``redis_listener``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Final
+
+import msgspec
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+
+from service.errors import (
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    RunNotFound,
+    StoreUnavailable,
+)
+from service.schemas import (
+    Event,
+    RunProgress,
+    RunRecord,
+    RunStarted,
+    event_decoder,
+    json_encoder,
+    record_decoder,
+    terminal_event_for,
+)
+from service.store.base import (
+    CLAIM_TTL_SECONDS,
+    MAX_EVENTS_PER_RUN,
+    CancelListener,
+    CancelOutcome,
+    EventWatch,
+    parse_cursor,
+)
+from service.store.redis_commands import CommandPipeline, LuaScript
+from service.store.redis_listener import NotificationListener
+
+EVENTS_CHANNEL_PREFIX: Final = "quiesce:events:"
+CANCEL_CHANNEL_PREFIX: Final = "quiesce:cancel:"
+
+#: Pipelines on the wire at once; the pool holds exactly that many connections.
+MAX_IN_FLIGHT: Final = 4
+#: A reply slower than this counts as an outage: the request gets a 503, not a hang.
+SOCKET_TIMEOUT_SECONDS: Final = 2.0
+CONNECT_TIMEOUT_SECONDS: Final = 1.0
+#: Slack added to a running run's key TTL beyond its own timeout.
+RUNNING_TTL_MARGIN_SECONDS: Final = 300
+
+_SCRIPTS: Final = {
+    name: LuaScript.load(name)
+    for name in ("claim", "release", "create", "append", "finalize", "cancel")
+}
+
+
+def run_key(run_id: str) -> str:
+    return f"quiesce:{{{run_id}}}:run"
+
+
+def events_key(run_id: str) -> str:
+    return f"quiesce:{{{run_id}}}:events"
+
+
+class RedisRunStore:
+    """A RunStore on Redis (see the module docstring for the key layout)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retention_seconds: int,
+        max_events: int = MAX_EVENTS_PER_RUN,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._retention = retention_seconds
+        self._max_events = max_events
+        self._on_error = on_error
+        # Commands: a short retry absorbs a dropped connection; the scripts are safe
+        # to repeat after a lost reply (see lua/).
+        self._redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                url,
+                max_connections=MAX_IN_FLIGHT,
+                timeout=SOCKET_TIMEOUT_SECONDS,
+                socket_timeout=SOCKET_TIMEOUT_SECONDS,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), retries=1),
+                health_check_interval=30,
+            )
+        )
+        self._commands = CommandPipeline(self._redis, max_in_flight=MAX_IN_FLIGHT)
+        # Pub/Sub: its own connection, no hidden retries, so the listener sees every
+        # disconnect and can resync after it.
+        self._listener = NotificationListener(
+            Redis(
+                connection_pool=ConnectionPool.from_url(
+                    url,
+                    max_connections=2,
+                    socket_timeout=SOCKET_TIMEOUT_SECONDS,
+                    socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    retry=Retry(NoBackoff(), retries=0),
+                )
+            ),
+            cancel_prefix=CANCEL_CHANNEL_PREFIX,
+            events_prefix=EVENTS_CHANNEL_PREFIX,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._listener.start()
+
+    async def close(self) -> None:
+        await self._commands.drain()
+        await self._listener.close()
+        await self._redis.aclose()
+
+    async def ping(self) -> None:
+        await self._call("ping", self._commands.execute("PING"))
+
+    def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
+        self._listener.listen_for_cancels(worker_id, listener)
+
+    # --- creation -----------------------------------------------------------------
+
+    async def claim_idempotency(self, run_id: str, fingerprint: str) -> RunRecord | None:
+        reply = await self._script("claim", [run_key(run_id)], [fingerprint, CLAIM_TTL_SECONDS])
+        outcome = reply[0].decode()
+        if outcome == "claimed":
+            return None
+        if outcome == "mismatch":
+            raise IdempotencyMismatch("the idempotency key was used with a different request body")
+        if outcome == "pending":
+            raise IdempotencyInProgress("a request with this idempotency key is being admitted")
+        return record_decoder.decode(reply[1])
+
+    async def release_idempotency(self, run_id: str) -> None:
+        await self._script("release", [run_key(run_id)], [])
+
+    async def create(self, record: RunRecord, started: RunStarted) -> None:
+        ttl = int(self._retention + record.timeout_seconds) + RUNNING_TTL_MARGIN_SECONDS
+        await self._script(
+            "create",
+            [run_key(record.run_id), events_key(record.run_id)],
+            [
+                json_encoder.encode(record),
+                record.worker_id,
+                json_encoder.encode(started),
+                ttl,
+                self._max_events,
+                EVENTS_CHANNEL_PREFIX + record.run_id,
+            ],
+        )
+
+    # --- reads --------------------------------------------------------------------
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        raw = await self._call("get", self._commands.execute("HGET", run_key(run_id), "record"))
+        return None if raw is None else record_decoder.decode(raw)
+
+    async def events(self, run_id: str, *, after: str | None, limit: int) -> list[Event] | None:
+        start = "-" if after is None else f"({'-'.join(map(str, parse_cursor(after)))}"
+        exists, entries = await self._call(
+            "events",
+            asyncio.gather(
+                self._commands.execute("HEXISTS", run_key(run_id), "record"),
+                self._commands.execute("XRANGE", events_key(run_id), start, "+", "COUNT", limit),
+            ),
+        )
+        if not exists:
+            return None
+        return [_decode_entry(entry_id, fields) for entry_id, fields in entries]
+
+    def watch(self, run_id: str) -> AbstractAsyncContextManager[EventWatch]:
+        return self._listener.watch(run_id)
+
+    async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
+        ids = list(run_ids)
+        flags = await self._call(
+            "cancel_requested",
+            asyncio.gather(*(self._commands.execute("HGET", run_key(i), "cancel") for i in ids)),
+        )
+        return {run_id for run_id, flag in zip(ids, flags, strict=True) if flag}
+
+    # --- writes -------------------------------------------------------------------
+
+    async def append(self, run_id: str, event: RunProgress) -> str | None:
+        reply = await self._script(
+            "append",
+            [run_key(run_id), events_key(run_id)],
+            [json_encoder.encode(event), self._max_events, EVENTS_CHANNEL_PREFIX + run_id],
+        )
+        return None if reply is None else reply.decode()
+
+    async def finalize(self, record: RunRecord) -> bool:
+        reply = await self._script(
+            "finalize",
+            [run_key(record.run_id), events_key(record.run_id)],
+            [
+                json_encoder.encode(record),
+                record.status,
+                json_encoder.encode(terminal_event_for(record)),
+                self._retention,
+                self._max_events,
+                EVENTS_CHANNEL_PREFIX + record.run_id,
+            ],
+        )
+        return bool(reply)
+
+    async def request_cancel(self, run_id: str) -> CancelOutcome:
+        reply = await self._script("cancel", [run_key(run_id)], [run_id, CANCEL_CHANNEL_PREFIX])
+        outcome = reply.decode()
+        if outcome == "missing":
+            raise RunNotFound(f"run {run_id} not found")
+        return CancelOutcome(outcome)
+
+    # --- internals ----------------------------------------------------------------
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._call(name, self._commands.script(_SCRIPTS[name], keys, args))
+
+    async def _call(self, operation: str, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except StoreUnavailable:
+            if self._on_error is not None:
+                self._on_error(operation)
+            raise
+
+
+def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> Event:
+    payload = fields[b"event"] if isinstance(fields, dict) else fields[1]
+    event: Event = event_decoder.decode(payload)
+    return msgspec.structs.replace(event, id=entry_id.decode())

@@ -1,0 +1,177 @@
+"""One Pub/Sub connection per process for cancel requests and event wake-ups.
+
+Event streams are tailed without blocking reads: a watcher of a run subscribes to
+that run's channel (the Lua scripts publish the new event id there after each
+append), waits to be woken, and then reads the stream with an ordinary XRANGE.
+Every watcher of every run in the process shares this one connection, so a
+thousand open SSE streams cost one Redis connection, not a thousand.
+
+Pub/Sub is at-most-once: messages sent while the connection is down are lost.
+After every (re)connect the listener therefore wakes every watcher (they re-read
+their stream) and asks the cancel listener to re-check its flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from service.store.base import CancelListener, EventWatch
+from service.store.redis_commands import UNAVAILABLE_ERRORS
+
+log = structlog.get_logger(__name__)
+
+#: A silent connection is pinged after this long and given up after twice this long.
+PING_INTERVAL_SECONDS: Final = 5.0
+#: How long a new watcher waits for Redis to confirm its subscription.
+SUBSCRIBE_TIMEOUT_SECONDS: Final = 2.0
+RECONNECT_BACKOFF_MAX_SECONDS: Final = 2.0
+
+
+class _Watch:
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+
+class NotificationListener:
+    """Subscribes to this worker's cancel channel and to the channels of watched runs."""
+
+    def __init__(self, client: Redis, *, cancel_prefix: str, events_prefix: str) -> None:
+        self._client = client
+        self._cancel_prefix = cancel_prefix
+        self._events_prefix = events_prefix
+        self._cancel_channel = f"{cancel_prefix}-"  # replaced by listen_for_cancels
+        self._cancel_listener: CancelListener | None = None
+        self._watches: dict[str, set[_Watch]] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: PubSub | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
+        self._cancel_channel = f"{self._cancel_prefix}{worker_id}"
+        self._cancel_listener = listener
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="quiesce-redis-listener")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
+        channel = f"{self._events_prefix}{run_id}"
+        watch = _Watch()
+        async with self._lock:
+            watches = self._watches.setdefault(channel, set())
+            watches.add(watch)
+            confirmation = self._confirmations.get(channel)
+            if confirmation is None and self._pubsub is not None:
+                confirmation = await self._subscribe(self._pubsub, channel)
+        if confirmation is not None:
+            # Once Redis confirms, nothing published to the channel can be missed.
+            # Without a confirmation the next reconnect wakes this watcher instead.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_TIMEOUT_SECONDS)
+        try:
+            yield watch
+        finally:
+            async with self._lock:
+                watches.discard(watch)
+                if not watches:
+                    del self._watches[channel]
+                    self._confirmations.pop(channel, None)
+                    if self._pubsub is not None:
+                        with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                            await self._pubsub.unsubscribe(channel)
+
+    async def _subscribe(self, pubsub: PubSub, channel: str) -> asyncio.Future[None] | None:
+        """Send SUBSCRIBE (under the lock, so sends stay in state order)."""
+        confirmation: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await pubsub.subscribe(channel)
+        except UNAVAILABLE_ERRORS:
+            return None
+        self._confirmations[channel] = confirmation
+        return confirmation
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                async with self._lock:
+                    for channel in self._watches:
+                        await self._subscribe(pubsub, channel)
+                    # Subscribed last: Redis answers in order, so its confirmation
+                    # means every channel above is live, and the resync that it
+                    # triggers cannot miss an event.
+                    await pubsub.subscribe(self._cancel_channel)
+                    self._pubsub = pubsub
+                await self._read(pubsub, on_ready=self._resync)
+            except UNAVAILABLE_ERRORS as exc:
+                log.warning("store_listener_disconnected", error=str(exc), retry_in=backoff)
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_SECONDS)
+
+    async def _read(self, pubsub: PubSub, *, on_ready: Any) -> None:
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=PING_INTERVAL_SECONDS)
+            if message is None:
+                if pinged:
+                    raise TimeoutError("no answer to PING on the Pub/Sub connection")
+                await pubsub.ping()
+                pinged = True
+                continue
+            pinged = False
+            kind = message["type"]
+            channel = message["channel"]
+            if isinstance(channel, bytes):
+                channel = channel.decode()
+            if kind == "message":
+                self._dispatch(channel, message["data"])
+            elif kind == "subscribe":
+                if channel == self._cancel_channel:
+                    on_ready()
+                confirmation = self._confirmations.get(channel)
+                if confirmation is not None and not confirmation.done():
+                    confirmation.set_result(None)
+
+    def _dispatch(self, channel: str, data: bytes | str) -> None:
+        if channel == self._cancel_channel:
+            if self._cancel_listener is not None:
+                run_id = data.decode() if isinstance(data, bytes) else data
+                self._cancel_listener.cancel_requested(run_id)
+            return
+        for watch in self._watches.get(channel, ()):
+            watch.notify()
+
+    def _resync(self) -> None:
+        """Connected again: whatever was published meanwhile is lost, so look again."""
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.notify()
+        if self._cancel_listener is not None:
+            self._cancel_listener.resync()

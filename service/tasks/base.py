@@ -1,0 +1,154 @@
+"""What a task is, what it receives, and the registry that names them.
+
+A task is an async function ``fn(ctx, params)`` registered under a name, where
+``params`` is an instance of the task's own msgspec Struct. Write one like this::
+
+    import msgspec
+    from service.tasks import RunContext, task
+
+    class Greet(msgspec.Struct, forbid_unknown_fields=True):
+        name: str
+
+    @task("greet")
+    async def greet(ctx: RunContext, params: Greet) -> dict[str, str]:
+        await ctx.emit({"stage": "greeting"})
+        return {"greeting": f"hello {params.name}"}
+
+and name its module in ``QUIESCE_TASK_MODULES`` or in a ``quiesce.tasks`` entry point.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar, get_type_hints
+
+import httpx
+import msgspec
+import structlog
+
+from service.errors import InvalidInput, UnknownTask
+
+ParamsT = TypeVar("ParamsT", bound=msgspec.Struct)
+TaskFn = Callable[["RunContext", ParamsT], Awaitable[Any]]
+
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+class RunContext:
+    """What a running task may use. One is made per run by the scheduler."""
+
+    __slots__ = ("_emit", "deadline", "http", "log", "run_id")
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        emit: Callable[[dict[str, Any]], Awaitable[bool]],
+        http: httpx.AsyncClient,
+        log: structlog.stdlib.BoundLogger,
+        deadline: datetime,
+    ) -> None:
+        self.run_id = run_id
+        #: The process-wide HTTP client: reuse its connections, do not close it.
+        self.http = http
+        #: A logger with ``run_id`` and ``task`` bound.
+        self.log = log
+        #: When the run times out (UTC); the task is cancelled at that moment.
+        self.deadline = deadline
+        self._emit = emit
+
+    async def emit(self, data: dict[str, Any]) -> bool:
+        """Append a ``run_progress`` event with ``data`` (any JSON object).
+
+        Returns False when the run has already ended (the event is dropped). Raises
+        StoreUnavailable when the store cannot take it.
+        """
+        return await self._emit(data)
+
+
+@dataclass(frozen=True, slots=True)
+class Task(Generic[ParamsT]):
+    """A registered task: its name, its function and the Struct of its input."""
+
+    name: str
+    fn: TaskFn[ParamsT]
+    input_type: type[ParamsT]
+    description: str = ""
+    #: Extra admission checks that need more than the Struct's own validation;
+    #: raise InvalidInput with ``field`` set to refuse the input.
+    check: Callable[[ParamsT], None] | None = field(default=None, compare=False)
+
+    def parse_input(self, raw: dict[str, Any]) -> ParamsT:
+        """Validate a create request's ``input`` (InvalidInput names the field path)."""
+        try:
+            params = msgspec.convert(raw, self.input_type)
+        except msgspec.ValidationError as exc:
+            message, path = split_error_path(str(exc))
+            key = "input" + path
+            raise InvalidInput(f"{message} - at `$.{key}`", field=key) from None
+        if self.check is not None:
+            self.check(params)
+        return params
+
+    def input_schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = msgspec.json.schema(self.input_type)
+        return schema
+
+
+def split_error_path(message: str) -> tuple[str, str]:
+    """``"Expected int - at `$.a.b`"`` → ``("Expected int", ".a.b")``."""
+    match = _PATH_RE.search(message)
+    if match is None:
+        return message, ""
+    return message[: match.start()], match.group("path")
+
+
+def task(
+    name: str, *, description: str | None = None, check: Callable[[Any], None] | None = None
+) -> Callable[[TaskFn[Any]], Task[Any]]:
+    """Declare a task; the input Struct is read from the annotation of ``params``."""
+
+    def declare(fn: TaskFn[Any]) -> Task[Any]:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"task {name!r}: {fn.__qualname__} must be an async function")
+        parameters = list(inspect.signature(fn).parameters)
+        if len(parameters) != 2:
+            raise TypeError(f"task {name!r}: {fn.__qualname__} must take (ctx, params)")
+        input_type = get_type_hints(fn).get(parameters[1])
+        if not (isinstance(input_type, type) and issubclass(input_type, msgspec.Struct)):
+            raise TypeError(f"task {name!r}: annotate {parameters[1]!r} with a msgspec.Struct")
+        doc = description if description is not None else inspect.getdoc(fn) or ""
+        return Task(name=name, fn=fn, input_type=input_type, description=doc, check=check)
+
+    return declare
+
+
+class TaskRegistry:
+    """The tasks this process can run, by name."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task[Any]] = {}
+        self._origins: dict[str, str] = {}
+
+    def add(self, task: Task[Any], *, origin: str) -> None:
+        existing = self._origins.get(task.name)
+        if existing is not None:
+            raise ValueError(f"task {task.name!r} from {origin} is already registered by {existing}")
+        self._tasks[task.name] = task
+        self._origins[task.name] = origin
+
+    def get(self, name: str) -> Task[Any]:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTask(f"unknown task {name!r}", task=name) from None
+
+    def __iter__(self) -> Iterator[Task[Any]]:
+        return iter(sorted(self._tasks.values(), key=lambda t: t.name))
+
+    def __len__(self) -> int:
+        return len(self._tasks)

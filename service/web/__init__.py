@@ -1,0 +1,1 @@
+"""The HTTP layer: it only calls the core (scheduler, store, lifecycle)."""

@@ -1,0 +1,76 @@
+"""``/admin``: start the drain (what the preStop hook calls) and read the replica's state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+from typing import Annotated
+
+from litestar import Controller, get, post
+from litestar.di import Provide
+from litestar.params import Parameter
+
+from service.schemas import ActiveRunInfo, DrainInfo, ReplicaState
+from service.web.auth import require_auth
+from service.web.state import Services, provide_services
+
+
+def replica_state(services: Services) -> ReplicaState:
+    scheduler = services.scheduler
+    lifecycle = services.lifecycle
+    active = scheduler.active_runs()
+    drain = None
+    progress = scheduler.drain_progress
+    if progress is not None:
+        drain = DrainInfo(
+            trigger=lifecycle.trigger,
+            started_at=progress.started_at,
+            grace_seconds=progress.grace_seconds,
+            cancel_at=progress.started_at + timedelta(seconds=progress.grace_seconds),
+            active_at_start=progress.active_at_start,
+            active_now=len(active),
+            cancelled=progress.cancelled,
+            finished=progress.finished,
+        )
+    return ReplicaState(
+        state=lifecycle.state,
+        worker_id=scheduler.worker_id,
+        active_runs=[
+            ActiveRunInfo(run_id=record.run_id, task=record.task, age_seconds=round(age, 3))
+            for record, age in active
+        ],
+        active_count=len(active),
+        max_active_runs=scheduler.max_active_runs,
+        drain=drain,
+    )
+
+
+class AdminController(Controller):
+    path = "/admin"
+    tags = ["admin"]
+    guards = [require_auth]
+    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
+
+    @post("/drain", status_code=202, summary="Start the drain (idempotent)")
+    async def drain(
+        self,
+        services: Services,
+        wait: Annotated[
+            float,
+            Parameter(
+                ge=0,
+                le=3600,
+                description="Answer when the drain has finished, or after this many seconds.",
+            ),
+        ] = 0,
+    ) -> ReplicaState:
+        services.lifecycle.begin_drain("admin")
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(services.lifecycle.stopped.wait(), wait)
+        return replica_state(services)
+
+    @get("/state", summary="This replica's state, active runs and drain progress")
+    async def state(self, services: Services) -> ReplicaState:
+        return replica_state(services)

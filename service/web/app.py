@@ -1,0 +1,139 @@
+"""The app factory: ``create_app()`` builds the Litestar app; nothing happens at import.
+
+Granian calls it (``--factory``) in its worker process. Configuration, logging, the
+task registry and the metrics are built here, so a bad setting or task module stops
+the process before it listens. The store, the HTTP client, the scheduler and the
+lifecycle live in the lifespan, which opens them before the first request and, on
+the way out, drains (if no drain ran yet) and then closes the store — every write
+has completed by then.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import httpx
+import structlog
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from service import __version__, granian_bridge
+from service.config import Settings
+from service.errors import QuiesceError
+from service.lifecycle import Lifecycle
+from service.logging import configure_logging
+from service.metrics import Metrics
+from service.scheduler import Scheduler
+from service.store import open_store
+from service.tasks.loader import build_registry
+from service.web.admin import AdminController
+from service.web.errors import handle_quiesce_error, log_unexpected
+from service.web.http_metrics import count_unmatched, http_metrics_middleware
+from service.web.probes import healthz, metrics, readyz
+from service.web.runs import RunsController
+from service.web.state import Services
+
+log = structlog.get_logger(__name__)
+
+#: Create bodies are small JSON documents; anything larger is refused with 413.
+MAX_REQUEST_BODY_BYTES: Final = 1024 * 1024
+#: Defaults of the shared client that tasks use; a task may pass its own timeout.
+HTTP_CLIENT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
+HTTP_CLIENT_LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the app from ``settings`` (default: read from the environment)."""
+    if settings is None:
+        settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_format)
+    registry = build_registry(settings)
+    app_metrics = Metrics(
+        max_active_runs=settings.max_active_runs, task_names=[t.name for t in registry]
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        store = open_store(
+            settings, on_error=lambda operation: app_metrics.store_errors.labels(operation).inc()
+        )
+        async with httpx.AsyncClient(
+            timeout=HTTP_CLIENT_TIMEOUT, limits=HTTP_CLIENT_LIMITS, follow_redirects=False
+        ) as http:
+            scheduler = Scheduler(
+                store=store,
+                registry=registry,
+                metrics=app_metrics,
+                http=http,
+                worker_id=settings.worker_id,
+                max_active_runs=settings.max_active_runs,
+                default_timeout_seconds=settings.run_timeout_seconds,
+            )
+            lifecycle = Lifecycle(scheduler, grace_seconds=settings.shutdown_grace_seconds)
+            await store.start()
+            app.state.services = Services(
+                settings=settings,
+                metrics=app_metrics,
+                registry=registry,
+                store=store,
+                http=http,
+                scheduler=scheduler,
+                lifecycle=lifecycle,
+            )
+            granian_bridge.install(lifecycle)
+            _log_startup(settings, [t.name for t in registry])
+            lifecycle.mark_ready()
+            try:
+                yield
+            finally:
+                # The server is stopping without a drain (e.g. not under Granian):
+                # drain now, so no run is left running and every write is done.
+                if lifecycle.trigger is None:
+                    lifecycle.begin_drain("server_shutdown")
+                await lifecycle.wait_stopped()
+                await store.close()
+                log.info("stopped")
+
+    return Litestar(
+        route_handlers=[RunsController, AdminController, healthz, readyz, metrics],
+        lifespan=[lifespan],
+        state=State({"settings": settings}),
+        exception_handlers={QuiesceError: handle_quiesce_error},
+        after_exception=[log_unexpected],
+        middleware=[http_metrics_middleware],
+        before_send=[count_unmatched],
+        request_max_body_size=MAX_REQUEST_BODY_BYTES,
+        logging_config=None,
+        openapi_config=OpenAPIConfig(
+            title="Quiesce",
+            version=__version__,
+            description="Runs created by webhook, executed in-process, drained on shutdown.",
+            path="/schema",
+        ),
+    )
+
+
+def _log_startup(settings: Settings, tasks: list[str]) -> None:
+    log.info(
+        "starting",
+        version=__version__,
+        worker_id=settings.worker_id,
+        store="redis" if settings.redis_url else "memory",
+        tasks=tasks,
+        max_active_runs=settings.max_active_runs,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+    )
+    if settings.api_token is None:
+        log.warning(
+            "auth_loopback_only",
+            detail="QUIESCE_API_TOKEN is not set: /v1 and /admin answer loopback clients only",
+        )
+    if settings.redis_url is None:
+        log.warning(
+            "memory_store",
+            detail="QUIESCE_REDIS_URL is not set: runs live in this process only and are lost with it",
+        )

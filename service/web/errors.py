@@ -1,0 +1,90 @@
+"""The one place where the service's errors become HTTP responses.
+
+Bodies keep Litestar's shape, ``{"status_code": N, "detail": "...", "extra": ...}``,
+so clients parse one format whether the error came from us or from the framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from service.errors import (
+    AtCapacity,
+    Draining,
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    InvalidInput,
+    QuiesceError,
+    RunAlreadyFinished,
+    RunNotFound,
+    StoreUnavailable,
+    Unavailable,
+    UnknownTask,
+)
+
+log = structlog.get_logger(__name__)
+
+_STATUS: Final[dict[type[QuiesceError], int]] = {
+    InvalidInput: 400,
+    RunNotFound: 404,
+    RunAlreadyFinished: 409,
+    IdempotencyInProgress: 409,
+    IdempotencyMismatch: 422,
+    UnknownTask: 422,
+    AtCapacity: 429,
+    Draining: 503,
+    StoreUnavailable: 503,
+}
+
+
+def status_for(exc: QuiesceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 500
+
+
+def error_response(
+    status_code: int,
+    detail: str,
+    *,
+    extra: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Response[dict[str, Any]]:
+    body: dict[str, Any] = {"status_code": status_code, "detail": detail}
+    if extra:
+        body["extra"] = extra
+    return Response(content=body, status_code=status_code, headers=headers)
+
+
+def invalid_request(message: str, key: str | None, source: str = "body") -> Response[dict[str, Any]]:
+    """A 400 that names the offending field, in the shape Litestar's validation uses."""
+    item: dict[str, str] = {"message": message, "source": source}
+    if key:
+        item["key"] = key
+    return error_response(400, message, extra=[item])
+
+
+def handle_quiesce_error(request: Request[Any, Any, Any], exc: QuiesceError) -> Response[Any]:
+    status_code = status_for(exc)
+    if isinstance(exc, InvalidInput):
+        return invalid_request(
+            exc.message, exc.extra.get("field"), exc.extra.get("source", "body")
+        )
+    headers = None
+    if isinstance(exc, Unavailable):
+        headers = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store_unavailable", path=request.url.path, error=exc.message)
+    return error_response(status_code, exc.message, extra=exc.extra or None, headers=headers)
+
+
+async def log_unexpected(exc: Exception, scope: Any) -> None:
+    """after_exception hook: log what will become a 500 (expected errors are not)."""
+    if isinstance(exc, QuiesceError | HTTPException):
+        return
+    log.error("unhandled_exception", path=scope.get("path"), exc_info=exc)

@@ -1,0 +1,54 @@
+"""HTTP request metrics labelled by route template, never by raw path.
+
+A route middleware times matched routes (its ``send`` sees the status after
+Litestar's exception handling); requests that match no route (404/405) never reach
+route middleware, so a ``before_send`` hook counts those as route ``unmatched``.
+Either way a label value comes from a bounded set.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.web.state import services_of
+
+UNMATCHED = "unmatched"
+
+
+def http_metrics_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        metrics = services_of(scope["litestar_app"]).metrics
+        route = scope.get("path_template", UNMATCHED)
+        method = scope["method"]
+        started = time.perf_counter()
+        status = 500
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, timed_send)
+        finally:
+            metrics.http_requests.labels(method, route, str(status)).inc()
+            metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+async def count_unmatched(message: Message, scope: Scope) -> None:
+    """before_send hook: count responses of requests that matched no route."""
+    if message["type"] != "http.response.start" or "path_template" in scope:
+        return
+    app: Any = scope.get("litestar_app")
+    services = app.state.get("services") if app is not None else None
+    if services is not None:
+        services.metrics.http_requests.labels(scope["method"], UNMATCHED, str(message["status"])).inc()

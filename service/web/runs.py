@@ -1,0 +1,225 @@
+"""The run API under ``/v1``: create (the webhook), read, events, stream, cancel, tasks."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from service.errors import (
+    AtCapacity,
+    Draining,
+    IdempotencyMismatch,
+    InvalidInput,
+    QuiesceError,
+    RunAlreadyFinished,
+    RunNotFound,
+    StoreUnavailable,
+    UnknownTask,
+)
+from service.schemas import CreateRunRequest, EventPage, RunRecord, TaskInfo, TaskList, request_decoder
+from service.store import CancelOutcome
+from service.store.base import parse_cursor
+from service.tasks.base import split_error_path
+from service.web.auth import COUNTS_REJECTIONS, require_auth
+from service.web.errors import error_response, invalid_request
+from service.web.sse import event_stream
+from service.web.state import Services, provide_services, services_of
+
+RUN_ID_RE: Final = re.compile(r"^run_[a-z2-7]{26}$")
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
+_CREATE_REQUEST: Final = "create_request"
+_IDEMPOTENCY_KEY: Final = "idempotency_key"
+
+#: Which rejection reason each refused create counts under.
+_REJECTION_REASONS: Final[tuple[tuple[type[QuiesceError], str], ...]] = (
+    (Draining, "draining"),
+    (AtCapacity, "capacity"),
+    (StoreUnavailable, "store_unavailable"),
+    (InvalidInput, "invalid"),
+    (UnknownTask, "invalid"),
+    (IdempotencyMismatch, "invalid"),
+)
+
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(
+        header="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+        description="Repeat a create safely: the same key and body return the original run.",
+    ),
+]
+
+
+async def _decode_create(request: Request[Any, Any, Any]) -> Response[Any] | None:
+    """before_request of the create route: strict decoding with clear 4xx answers.
+
+    Litestar's own body parsing coerces types (``"600"`` becomes ``600.0``) and
+    accepts any content type; a webhook should say exactly what is wrong instead.
+    """
+    metrics = services_of(request.app).metrics
+    refusal = _check_create(request.headers.get("content-type"), request.headers)
+    if refusal is None:
+        try:
+            body = await request.body()
+        except HTTPException as exc:  # 413: the body is over request_max_body_size
+            metrics.runs_rejected.labels("invalid").inc()
+            raise exc from None
+        try:
+            request.state[_CREATE_REQUEST] = request_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            message, path = split_error_path(str(exc))
+            key = path.lstrip(".") or _field_named_in(message)
+            refusal = invalid_request(f"{message} - at `${path}`", key)
+        except msgspec.DecodeError as exc:
+            refusal = invalid_request(str(exc), None)
+    if refusal is not None:
+        metrics.runs_rejected.labels("invalid").inc()
+    return refusal
+
+
+def _check_create(content_type: str | None, headers: Any) -> Response[Any] | None:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        return error_response(415, "the body must be JSON (Content-Type: application/json)")
+    key = headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        return invalid_request(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+            "Idempotency-Key",
+            "header",
+        )
+    return None
+
+
+def _field_named_in(message: str) -> str | None:
+    """``Object contains unknown field `x``` → ``x`` (msgspec names it in the text)."""
+    match = re.search(r"field `([^`]+)`", message)
+    return match.group(1) if match else None
+
+
+def _check_run_id(run_id: str) -> None:
+    if not RUN_ID_RE.match(run_id):
+        raise RunNotFound(f"run {run_id} not found")
+
+
+async def _load(services: Services, run_id: str) -> RunRecord:
+    _check_run_id(run_id)
+    record = await services.store.get(run_id)
+    if record is None:
+        raise RunNotFound(f"run {run_id} not found")
+    return record
+
+
+class RunsController(Controller):
+    path = "/v1"
+    tags = ["runs"]
+    guards = [require_auth]
+    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
+
+    @post(
+        "/runs",
+        status_code=202,
+        before_request=_decode_create,
+        opt={COUNTS_REJECTIONS: True},
+        summary="Create a run (the webhook)",
+    )
+    async def create_run(
+        self,
+        request: Request[Any, Any, Any],
+        services: Services,
+        data: CreateRunRequest,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[RunRecord]:
+        # ``data`` documents the body; the strictly decoded one is what counts.
+        create: CreateRunRequest = request.state[_CREATE_REQUEST]
+        try:
+            admission = await services.scheduler.create(create, idempotency_key=idempotency_key)
+        except QuiesceError as exc:
+            for kind, reason in _REJECTION_REASONS:
+                if isinstance(exc, kind):
+                    services.metrics.runs_rejected.labels(reason).inc()
+                    break
+            raise
+        headers = {"Location": f"/v1/runs/{admission.record.run_id}"}
+        if admission.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(admission.record, status_code=202, headers=headers)
+
+    @get("/runs/{run_id:str}", summary="Read a run")
+    async def get_run(self, services: Services, run_id: str) -> RunRecord:
+        return await _load(services, run_id)
+
+    @get("/runs/{run_id:str}/events", summary="A page of a run's events, oldest first")
+    async def list_events(
+        self,
+        services: Services,
+        run_id: str,
+        after: Annotated[str | None, Parameter(description="Exclusive cursor.")] = None,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    ) -> EventPage:
+        _check_run_id(run_id)
+        if after is not None:
+            parse_cursor(after)
+        events = await services.store.events(run_id, after=after, limit=limit)
+        if events is None:
+            raise RunNotFound(f"run {run_id} not found")
+        return EventPage(events=events, next_cursor=events[-1].id if events else after)
+
+    @get(
+        "/runs/{run_id:str}/events/stream",
+        summary="Server-Sent Events: replay, then live until the terminal event",
+        media_type="text/event-stream",
+    )
+    async def stream_events(
+        self,
+        services: Services,
+        run_id: str,
+        after: Annotated[str | None, Parameter(description="Exclusive cursor.")] = None,
+        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+    ) -> Stream:
+        # Last-Event-ID wins: a reconnecting EventSource sends it with the original URL.
+        cursor = last_event_id or after
+        if cursor is not None:
+            try:
+                parse_cursor(cursor)
+            except InvalidInput as exc:
+                source = "header" if last_event_id else "query"
+                key = "Last-Event-ID" if last_event_id else "after"
+                raise InvalidInput(exc.message, field=key, source=source) from None
+        await _load(services, run_id)
+        return Stream(
+            event_stream(
+                services.store, run_id, after=cursor, draining=services.lifecycle.draining
+            ),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @post("/runs/{run_id:str}/cancel", status_code=202, summary="Cancel a run, wherever it runs")
+    async def cancel_run(self, services: Services, run_id: str) -> Response[RunRecord]:
+        _check_run_id(run_id)
+        outcome = await services.scheduler.cancel(run_id)
+        record = await _load(services, run_id)
+        if outcome is CancelOutcome.FINISHED:
+            raise RunAlreadyFinished(
+                f"run {run_id} already finished with status {record.status}", status=record.status
+            )
+        status_code = 200 if outcome is CancelOutcome.ALREADY_CANCELLED else 202
+        return Response(record, status_code=status_code)
+
+    @get("/tasks", summary="Registered tasks and the JSON Schema of each input")
+    async def list_tasks(self, services: Services) -> TaskList:
+        return TaskList(
+            tasks=[
+                TaskInfo(name=t.name, description=t.description, input_schema=t.input_schema())
+                for t in services.registry
+            ]
+        )

@@ -1,0 +1,88 @@
+"""Server-Sent Events for one run: replay from a cursor, then tail live, then end.
+
+Each event is sent as ``id:`` (the cursor), ``event:`` (its type) and ``data:`` (the
+event as JSON), so a reconnecting EventSource resumes with ``Last-Event-ID``. A
+comment line goes out at least every ``KEEPALIVE_SECONDS`` so proxies keep the
+connection open. The stream ends after the terminal event; it also ends, with a
+``retry:`` hint, when this replica starts draining (the client reconnects and is
+routed to a ready replica) or when the store becomes unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Final
+
+import structlog
+
+from service.errors import StoreUnavailable
+from service.schemas import Event, event_type, is_terminal_event, json_encoder
+from service.store import RunStore
+
+log = structlog.get_logger(__name__)
+
+KEEPALIVE_SECONDS: Final = 15.0
+#: Sent when the stream ends early: reconnect after this many milliseconds.
+RECONNECT_MS: Final = 1000
+PAGE_SIZE: Final = 200
+
+_OPENED: Final = b": stream opened\n\n"
+_KEEPALIVE: Final = b": keep-alive\n\n"
+
+
+def encode_event(event: Event) -> bytes:
+    return (
+        b"id: " + event.id.encode()
+        + b"\nevent: " + event_type(event).encode()
+        + b"\ndata: " + json_encoder.encode(event)
+        + b"\n\n"
+    )  # fmt: skip
+
+
+def _goodbye(reason: str) -> bytes:
+    return f"retry: {RECONNECT_MS}\n: {reason}\n\n".encode()
+
+
+async def event_stream(
+    store: RunStore,
+    run_id: str,
+    *,
+    after: str | None,
+    draining: asyncio.Event,
+    keepalive_seconds: float = KEEPALIVE_SECONDS,
+) -> AsyncIterator[bytes]:
+    """Yield the SSE byte chunks for one run (see the module docstring)."""
+    async with store.watch(run_id) as watch:
+        yield _OPENED
+        while True:
+            if draining.is_set():
+                yield _goodbye("this replica is draining; reconnect to continue")
+                return
+            try:
+                events = await store.events(run_id, after=after, limit=PAGE_SIZE)
+            except StoreUnavailable:
+                yield _goodbye("the store is unavailable; reconnect to continue")
+                return
+            if events is None:  # expired while being watched
+                return
+            for event in events:
+                yield encode_event(event)
+                after = event.id
+                if is_terminal_event(event):
+                    return
+            if len(events) == PAGE_SIZE:
+                continue
+            if not await _first_of(watch.wait(), draining.wait(), timeout=keepalive_seconds):
+                yield _KEEPALIVE
+
+
+async def _first_of(*awaitables: Awaitable[object], timeout: float) -> bool:
+    """Wait for the first to complete; False if none did within the timeout."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return bool(done)
