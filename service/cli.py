@@ -93,11 +93,12 @@ def drain(args: argparse.Namespace) -> int:
     if settings.api_token is not None:
         headers["Authorization"] = f"Bearer {settings.api_token}"
     try:
+        # --timeout bounds the whole command: the server answers a little earlier.
         response = httpx.post(
             f"{url}/admin/drain",
-            params={"wait": timeout},
+            params={"wait": max(timeout - 0.5, 0.0)},
             headers=headers,
-            timeout=timeout + 5,
+            timeout=timeout,
         )
     except httpx.HTTPError as exc:
         print(f"drain: no answer from {url}: {exc}", file=sys.stderr)
@@ -109,7 +110,8 @@ def drain(args: argparse.Namespace) -> int:
     drain_info = state.get("drain") or {}
     if state.get("state") != "stopped":
         print(
-            f"drain: not finished after {timeout:g}s; {state.get('active_count')} runs still active",
+            f"drain: not finished after {timeout:g}s; "
+            f"{state.get('active_count')} runs still active",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -141,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds to wait for the drain (default: QUIESCE_SHUTDOWN_GRACE_SECONDS + 5)",
     )
-    drain_cmd.add_argument("--url", default=None, help="server URL (default http://127.0.0.1:$PORT)")
+    drain_cmd.add_argument(
+        "--url", default=None, help="server URL (default http://127.0.0.1:$PORT)"
+    )
     drain_cmd.set_defaults(run=drain)
     return parser
 

@@ -20,7 +20,9 @@ LogFormat = Literal["json", "console"]
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_HOSTNAME_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_HOSTNAME_RE = re.compile(
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 
 
@@ -84,9 +86,7 @@ class _Env:
             return None
         return value.strip()
 
-    def integer(
-        self, name: str, default: int, *, minimum: int, maximum: int | None = None
-    ) -> int:
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         value = self.raw(name)
         if value is None:
             return default
@@ -99,7 +99,9 @@ class _Env:
             raise ConfigError(f"{name}: must be {bounds}, got {parsed}")
         return parsed
 
-    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+    def number(
+        self, name: str, default: float, *, minimum: float, exclusive: bool = False
+    ) -> float:
         value = self.raw(name)
         if value is None:
             return default

@@ -12,11 +12,14 @@ lifespan shutdown. A drain started there is too late. So, in the worker:
 2. When the drain has finished, the saved Granian handlers are put back and the
    worker sends itself SIGTERM: Granian stops as it always does, now with no run
    left and no stream open, and the process exits 0.
-3. A drain started over HTTP (``POST /admin/drain``, i.e. the preStop hook) ends the
-   same way, after a short linger that lets ``quiesce drain`` read the result
-   first; the worker then asks Granian's main process to stop (SIGTERM to the
-   parent), so the exit is a clean 0 rather than "a worker died". In Kubernetes the
-   kubelet's SIGTERM usually arrives first and takes path 2.
+3. A drain started over HTTP (``POST /admin/drain`` — the preStop hook) leaves the
+   server answering after it has finished, because in Kubernetes the kubelet sends
+   SIGTERM only once the hook has returned; exiting earlier would kill the hook and
+   record a failed preStop. That SIGTERM then takes path 2 at once. Without one
+   (a drain asked for by hand, or a platform with no hook), the worker stops by
+   itself at the drain's deadline — grace + 1 s after its start, and at least
+   ``LINGER_SECONDS`` after it finished — by asking Granian's main process to
+   stop (SIGTERM to the parent), so the exit is a clean 0, not "a worker died".
 
 ``quiesce serve`` runs Granian with ``--loop asyncio`` (the handlers live in the
 asyncio loop's table) and sets ``QUIESCE_GRANIAN_MAIN_PID``; if the handlers cannot
@@ -39,8 +42,11 @@ log = structlog.get_logger(__name__)
 #: Set by ``quiesce serve`` to the PID of Granian's main process.
 MAIN_PID_ENV: Final = "QUIESCE_GRANIAN_MAIN_PID"
 SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
-#: After an HTTP-triggered drain: time for ``quiesce drain`` to read the result.
+#: After an HTTP-triggered drain: the least time left for ``quiesce drain`` to read
+#: the result and for the kubelet to send SIGTERM.
 LINGER_SECONDS: Final = 0.5
+#: An HTTP-triggered drain stops the server by itself this long after the grace.
+SELF_STOP_AFTER_GRACE_SECONDS: Final = 1.0
 
 
 def install(lifecycle: Lifecycle) -> bool:
@@ -90,8 +96,11 @@ class _Bridge:
     def on_drained(self) -> None:
         if self._signalled:
             self._hand_back()
-        else:
-            self._loop.call_later(LINGER_SECONDS, self._stop_main)
+            return
+        started = self._lifecycle.drain_started or self._loop.time()
+        deadline = started + self._lifecycle.grace_seconds + SELF_STOP_AFTER_GRACE_SECONDS
+        stop_at = max(self._loop.time() + LINGER_SECONDS, deadline)
+        self._loop.call_at(stop_at, self._stop_main)
 
     def _stop_main(self) -> None:
         if self._handed_back:

@@ -33,6 +33,8 @@ class Lifecycle:
         #: Set when the drain has finished (every run finalized).
         self.stopped = asyncio.Event()
         self.trigger: str | None = None
+        #: Event-loop time at which the drain began.
+        self.drain_started: float | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._on_stopped: list[Callable[[], None]] = []
 
@@ -54,12 +56,14 @@ class Lifecycle:
         if self._drain_task is not None:
             log.info("drain_already_running", trigger=trigger, first_trigger=self.trigger)
             return
+        loop = asyncio.get_running_loop()
         self.trigger = trigger
+        self.drain_started = loop.time()
         self.state = "draining"
         self._scheduler.begin_drain()
         self.draining.set()
         log.info("drain_triggered", trigger=trigger)
-        self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="quiesce-drain")
+        self._drain_task = loop.create_task(self._drain(), name="quiesce-drain")
 
     async def wait_stopped(self) -> DrainProgress | None:
         await self.stopped.wait()

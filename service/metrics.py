@@ -41,7 +41,7 @@ class Metrics:
 
     def __init__(self, *, max_active_runs: int, task_names: Iterable[str] = ()) -> None:
         # ``_created`` series double the count and no dashboard reads them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.active_runs = Gauge(
@@ -77,7 +77,10 @@ class Metrics:
             registry=r,
         )
         self.runs_rejected = Counter(
-            "quiesce_runs_rejected_total", "Create requests refused, by reason.", ["reason"], registry=r
+            "quiesce_runs_rejected_total",
+            "Create requests refused, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.store_errors = Counter(
             "quiesce_store_errors_total",

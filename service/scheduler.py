@@ -43,11 +43,11 @@ from service.metrics import Metrics
 from service.schemas import (
     CreateRunRequest,
     RunError,
-    RunStatus,
     RunProgress,
     RunRecord,
     RunStarted,
     RunStartedData,
+    RunStatus,
     request_fingerprint,
     utcnow,
 )
@@ -80,7 +80,9 @@ def new_run_id() -> str:
 
 def run_id_for_key(idempotency_key: str) -> str:
     """The run id an idempotency key maps to, so the key lives with the run's keys."""
-    return "run_" + _b32(hashlib.sha256(b"quiesce-idempotency:" + idempotency_key.encode()).digest())
+    return "run_" + _b32(
+        hashlib.sha256(b"quiesce-idempotency:" + idempotency_key.encode()).digest()
+    )
 
 
 def _b32(raw: bytes) -> str:
@@ -184,9 +186,7 @@ class Scheduler:
         claimed = False
         try:
             if idempotency_key is not None:
-                original = await self._store.claim_idempotency(
-                    run_id, request_fingerprint(request)
-                )
+                original = await self._store.claim_idempotency(run_id, request_fingerprint(request))
                 if original is not None:
                     self._release(active)
                     return Admission(record=original, replayed=True)
@@ -251,7 +251,9 @@ class Scheduler:
         self._metrics.runs_started.labels(active.task.name).inc()
         # A fresh context: the run must not inherit the request's bound log context.
         active.supervisor = asyncio.create_task(
-            self._supervise(active), name=f"quiesce-run-{active.run_id}", context=contextvars.Context()
+            self._supervise(active),
+            name=f"quiesce-run-{active.run_id}",
+            context=contextvars.Context(),
         )
 
     # --- supervision ----------------------------------------------------------------
@@ -277,7 +279,7 @@ class Scheduler:
             log=log.bind(),
             deadline=active.record.created_at + timedelta(seconds=active.record.timeout_seconds),
         )
-        work = asyncio.create_task(active.task.fn(context, active.params))
+        work: asyncio.Task[Any] = asyncio.create_task(active.task.fn(context, active.params))
         active.wake = loop.create_future()
         try:
             await asyncio.wait(
@@ -306,7 +308,9 @@ class Scheduler:
 
     def _finished_record(self, active: _ActiveRun, work: asyncio.Task[Any]) -> RunRecord:
         if work.cancelled():
-            return self._terminal(active, "failed", RunError(reason="error", message="CancelledError"))
+            return self._terminal(
+                active, "failed", RunError(reason="error", message="CancelledError")
+            )
         exc = work.exception()
         if exc is not None:
             log.warning("run_task_raised", exc_info=exc)
@@ -331,7 +335,12 @@ class Scheduler:
     ) -> RunRecord:
         now = self._now()
         return msgspec.structs.replace(
-            active.record, status=status, updated_at=now, finished_at=now, output=output, error=error
+            active.record,
+            status=status,
+            updated_at=now,
+            finished_at=now,
+            output=output,
+            error=error,
         )
 
     async def _finalize(self, active: _ActiveRun, record: RunRecord) -> None:
@@ -432,15 +441,15 @@ class Scheduler:
         log.info("drain_finished", cancelled=progress.cancelled)
         return progress
 
-    async def _wait_for_runs(self, timeout: float) -> None:
+    async def _wait_for_runs(self, within: float) -> None:
         waits = [asyncio.ensure_future(run.done.wait()) for run in self._runs.values()]
         if not waits:
             return
-        _, pending = await asyncio.wait(waits, timeout=timeout)
+        _, pending = await asyncio.wait(waits, timeout=within)
         for wait in pending:
             wait.cancel()
 
-    async def _force_finalize(self, timeout: float) -> None:
+    async def _force_finalize(self, within: float) -> None:
         """Write what supervisors could not (a store retry loop, a stuck admission)."""
         stuck = list(self._runs.values())
         for active in stuck:
@@ -460,7 +469,8 @@ class Scheduler:
             finally:
                 self._release(active)
 
-        done, pending = await asyncio.wait([asyncio.ensure_future(write(a)) for a in stuck], timeout=timeout)
+        writes = [asyncio.ensure_future(write(active)) for active in stuck]
+        _, pending = await asyncio.wait(writes, timeout=within)
         for task in pending:
             task.cancel()
         for active in stuck:

@@ -20,7 +20,9 @@ TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
 #: others with status ``failed``.
 FailureReason = Literal["error", "timeout", "shutdown", "worker_lost", "cancelled"]
 
-TaskName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+TaskName = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+]
 MetadataKey = Annotated[str, Meta(min_length=1, max_length=63)]
 MetadataValue = Annotated[str, Meta(max_length=1024)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=64)]
@@ -96,23 +98,23 @@ class _Event(Struct, kw_only=True, frozen=True, tag_field="type"):
     created_at: datetime
 
 
-class RunStarted(_Event, tag="run_started"):
+class RunStarted(_Event, tag="run_started", frozen=True):
     data: RunStartedData
 
 
-class RunProgress(_Event, tag="run_progress"):
+class RunProgress(_Event, tag="run_progress", frozen=True):
     data: dict[str, Any]
 
 
-class RunSucceeded(_Event, tag="run_succeeded"):
+class RunSucceeded(_Event, tag="run_succeeded", frozen=True):
     data: RunSucceededData
 
 
-class RunFailed(_Event, tag="run_failed"):
+class RunFailed(_Event, tag="run_failed", frozen=True):
     data: RunFailedData
 
 
-class RunCancelled(_Event, tag="run_cancelled"):
+class RunCancelled(_Event, tag="run_cancelled", frozen=True):
     data: RunCancelledData
 
 
@@ -198,7 +200,7 @@ class ReplicaState(Struct, kw_only=True, frozen=True):
 
 json_encoder: Final = msgspec.json.Encoder()
 record_decoder: Final = msgspec.json.Decoder(RunRecord)
-event_decoder: Final = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+event_decoder: Final = msgspec.json.Decoder(Event)
 request_decoder: Final = msgspec.json.Decoder(CreateRunRequest)
 
 

@@ -95,8 +95,8 @@ class RedisRunStore:
         self._on_error = on_error
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
-        self._redis = Redis(
-            connection_pool=BlockingConnectionPool.from_url(
+        self._redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
                 url,
                 max_connections=MAX_IN_FLIGHT,
                 timeout=SOCKET_TIMEOUT_SECONDS,
@@ -110,8 +110,8 @@ class RedisRunStore:
         # Pub/Sub: its own connection, no hidden retries, so the listener sees every
         # disconnect and can resync after it.
         self._listener = NotificationListener(
-            Redis(
-                connection_pool=ConnectionPool.from_url(
+            Redis.from_pool(
+                ConnectionPool.from_url(
                     url,
                     max_connections=2,
                     socket_timeout=SOCKET_TIMEOUT_SECONDS,

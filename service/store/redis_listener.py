@@ -32,6 +32,7 @@ PING_INTERVAL_SECONDS: Final = 5.0
 #: How long a new watcher waits for Redis to confirm its subscription.
 SUBSCRIBE_TIMEOUT_SECONDS: Final = 2.0
 RECONNECT_BACKOFF_MAX_SECONDS: Final = 2.0
+CLOSE_TIMEOUT_SECONDS: Final = 0.5
 
 
 class _Watch:
@@ -60,8 +61,11 @@ class NotificationListener:
         self._pubsub: PubSub | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
+        if self._task is not None:
+            raise RuntimeError("listen_for_cancels() must be called before start()")
         self._cancel_channel = f"{self._cancel_prefix}{worker_id}"
         self._cancel_listener = listener
 
@@ -69,10 +73,19 @@ class NotificationListener:
         self._task = asyncio.create_task(self._run(), name="quiesce-redis-listener")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._closing = True
+        task = self._task
+        if task is not None:
+            task.cancel()
+            _, pending = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
+            if pending:
+                # A cancellation that lands inside redis-py's timed read can be lost
+                # (seen on Python 3.11); closing the socket under the read ends it.
+                pubsub = self._pubsub
+                if pubsub is not None and pubsub.connection is not None:
+                    await pubsub.connection.disconnect(nowait=True)
+                task.cancel()
+                await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
         await self._client.aclose()
 
     @contextlib.asynccontextmanager
@@ -114,7 +127,7 @@ class NotificationListener:
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             pubsub = self._client.pubsub()
             try:
                 async with self._lock:
@@ -127,17 +140,19 @@ class NotificationListener:
                     self._pubsub = pubsub
                 await self._read(pubsub, on_ready=self._resync)
             except UNAVAILABLE_ERRORS as exc:
+                if self._closing:
+                    return
                 log.warning("store_listener_disconnected", error=str(exc), retry_in=backoff)
             finally:
                 self._pubsub = None
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_SECONDS)
 
     async def _read(self, pubsub: PubSub, *, on_ready: Any) -> None:
         pinged = False
-        while True:
+        while not self._closing:
             message = await pubsub.get_message(timeout=PING_INTERVAL_SECONDS)
             if message is None:
                 if pinged:

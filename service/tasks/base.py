@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar, get_type_hints
@@ -33,7 +33,7 @@ import structlog
 from service.errors import InvalidInput, UnknownTask
 
 ParamsT = TypeVar("ParamsT", bound=msgspec.Struct)
-TaskFn = Callable[["RunContext", ParamsT], Awaitable[Any]]
+TaskFn = Callable[["RunContext", ParamsT], Coroutine[Any, Any, Any]]
 
 _PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
@@ -137,7 +137,9 @@ class TaskRegistry:
     def add(self, task: Task[Any], *, origin: str) -> None:
         existing = self._origins.get(task.name)
         if existing is not None:
-            raise ValueError(f"task {task.name!r} from {origin} is already registered by {existing}")
+            raise ValueError(
+                f"task {task.name!r} from {origin} is already registered by {existing}"
+            )
         self._tasks[task.name] = task
         self._origins[task.name] = origin
 

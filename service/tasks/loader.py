@@ -31,7 +31,9 @@ def build_registry(settings: Settings) -> TaskRegistry:
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
-            raise ConfigError(f"QUIESCE_TASK_MODULES: cannot import {module_name!r}: {exc}") from exc
+            raise ConfigError(
+                f"QUIESCE_TASK_MODULES: cannot import {module_name!r}: {exc}"
+            ) from exc
         _add_all(registry, _tasks_in(module), origin)
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         origin = f"entry point {entry_point.name!r} ({entry_point.value})"

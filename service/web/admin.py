@@ -8,12 +8,12 @@ from datetime import timedelta
 from typing import Annotated
 
 from litestar import Controller, get, post
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import QueryParameter
 
 from service.schemas import ActiveRunInfo, DrainInfo, ReplicaState
 from service.web.auth import require_auth
-from service.web.state import Services, provide_services
+from service.web.state import Services
 
 
 def replica_state(services: Services) -> ReplicaState:
@@ -48,17 +48,16 @@ def replica_state(services: Services) -> ReplicaState:
 
 class AdminController(Controller):
     path = "/admin"
-    tags = ["admin"]
-    guards = [require_auth]
-    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
+    tags = ("admin",)
+    guards = (require_auth,)
 
     @post("/drain", status_code=202, summary="Start the drain (idempotent)")
     async def drain(
         self,
-        services: Services,
+        services: NamedDependency[Services],
         wait: Annotated[
             float,
-            Parameter(
+            QueryParameter(
                 ge=0,
                 le=3600,
                 description="Answer when the drain has finished, or after this many seconds.",
@@ -72,5 +71,5 @@ class AdminController(Controller):
         return replica_state(services)
 
     @get("/state", summary="This replica's state, active runs and drain progress")
-    async def state(self, services: Services) -> ReplicaState:
+    async def state(self, services: NamedDependency[Services]) -> ReplicaState:
         return replica_state(services)

@@ -19,6 +19,7 @@ import httpx
 import structlog
 from litestar import Litestar
 from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from service import __version__, granian_bridge
@@ -35,7 +36,7 @@ from service.web.errors import handle_quiesce_error, log_unexpected
 from service.web.http_metrics import count_unmatched, http_metrics_middleware
 from service.web.probes import healthz, metrics, readyz
 from service.web.runs import RunsController
-from service.web.state import Services
+from service.web.state import Services, provide_services
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[RunsController, AdminController, healthz, readyz, metrics],
         lifespan=[lifespan],
         state=State({"settings": settings}),
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={QuiesceError: handle_quiesce_error},
         after_exception=[log_unexpected],
         middleware=[http_metrics_middleware],
@@ -135,5 +137,5 @@ def _log_startup(settings: Settings, tasks: list[str]) -> None:
     if settings.redis_url is None:
         log.warning(
             "memory_store",
-            detail="QUIESCE_REDIS_URL is not set: runs live in this process only and are lost with it",
+            detail="QUIESCE_REDIS_URL is not set: runs live in this process only",
         )

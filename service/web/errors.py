@@ -61,7 +61,9 @@ def error_response(
     return Response(content=body, status_code=status_code, headers=headers)
 
 
-def invalid_request(message: str, key: str | None, source: str = "body") -> Response[dict[str, Any]]:
+def invalid_request(
+    message: str, key: str | None, source: str = "body"
+) -> Response[dict[str, Any]]:
     """A 400 that names the offending field, in the shape Litestar's validation uses."""
     item: dict[str, str] = {"message": message, "source": source}
     if key:
@@ -72,9 +74,7 @@ def invalid_request(message: str, key: str | None, source: str = "body") -> Resp
 def handle_quiesce_error(request: Request[Any, Any, Any], exc: QuiesceError) -> Response[Any]:
     status_code = status_for(exc)
     if isinstance(exc, InvalidInput):
-        return invalid_request(
-            exc.message, exc.extra.get("field"), exc.extra.get("source", "body")
-        )
+        return invalid_request(exc.message, exc.extra.get("field"), exc.extra.get("source", "body"))
     headers = None
     if isinstance(exc, Unavailable):
         headers = {"Retry-After": str(exc.retry_after)}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from service.web.state import services_of
 
@@ -20,12 +21,13 @@ UNMATCHED = "unmatched"
 
 def http_metrics_middleware(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
+        http_scope: HTTPScope = scope
         metrics = services_of(scope["litestar_app"]).metrics
-        route = scope.get("path_template", UNMATCHED)
-        method = scope["method"]
+        route = str(scope.get("path_template", UNMATCHED))
+        method = http_scope["method"]
         started = time.perf_counter()
         status = 500
 
@@ -51,4 +53,6 @@ async def count_unmatched(message: Message, scope: Scope) -> None:
     app: Any = scope.get("litestar_app")
     services = app.state.get("services") if app is not None else None
     if services is not None:
-        services.metrics.http_requests.labels(scope["method"], UNMATCHED, str(message["status"])).inc()
+        services.metrics.http_requests.labels(
+            scope["method"], UNMATCHED, str(message["status"])
+        ).inc()

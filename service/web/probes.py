@@ -11,25 +11,23 @@ import asyncio
 from typing import Any, Final
 
 from litestar import Response, get
-from litestar.di import Provide
+from litestar.di import NamedDependency
 
 from service.errors import StoreUnavailable
 from service.metrics import CONTENT_TYPE
-from service.web.state import Services, provide_services
+from service.web.state import Services
 
 #: Readiness must answer within a probe's default 1 s timeout.
 STORE_PING_TIMEOUT_SECONDS: Final = 0.5
 
-_deps = {"services": Provide(provide_services, sync_to_thread=False)}
 
-
-@get("/healthz", tags=["probes"], summary="Liveness", dependencies=_deps)
-async def healthz(services: Services) -> dict[str, str]:
+@get("/healthz", tags=["probes"], summary="Liveness")
+async def healthz(services: NamedDependency[Services]) -> dict[str, str]:
     return {"status": "ok", "state": services.lifecycle.state}
 
 
-@get("/readyz", tags=["probes"], summary="Readiness", dependencies=_deps)
-async def readyz(services: Services) -> Response[dict[str, Any]]:
+@get("/readyz", tags=["probes"], summary="Readiness")
+async def readyz(services: NamedDependency[Services]) -> Response[dict[str, Any]]:
     state = services.lifecycle.state
     if state != "ready":
         return Response({"status": state}, status_code=503)
@@ -40,6 +38,6 @@ async def readyz(services: Services) -> Response[dict[str, Any]]:
     return Response({"status": "ready"}, status_code=200)
 
 
-@get("/metrics", tags=["probes"], summary="Prometheus metrics", dependencies=_deps)
-async def metrics(services: Services) -> Response[bytes]:
+@get("/metrics", tags=["probes"], summary="Prometheus metrics")
+async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)

@@ -7,9 +7,9 @@ from typing import Annotated, Any, Final
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.di import Provide
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
-from litestar.params import Parameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from service.errors import (
@@ -23,14 +23,21 @@ from service.errors import (
     StoreUnavailable,
     UnknownTask,
 )
-from service.schemas import CreateRunRequest, EventPage, RunRecord, TaskInfo, TaskList, request_decoder
+from service.schemas import (
+    CreateRunRequest,
+    EventPage,
+    RunRecord,
+    TaskInfo,
+    TaskList,
+    request_decoder,
+)
 from service.store import CancelOutcome
 from service.store.base import parse_cursor
 from service.tasks.base import split_error_path
 from service.web.auth import COUNTS_REJECTIONS, require_auth
 from service.web.errors import error_response, invalid_request
 from service.web.sse import event_stream
-from service.web.state import Services, provide_services, services_of
+from service.web.state import Services, services_of
 
 RUN_ID_RE: Final = re.compile(r"^run_[a-z2-7]{26}$")
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
@@ -49,8 +56,8 @@ _REJECTION_REASONS: Final[tuple[tuple[type[QuiesceError], str], ...]] = (
 
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(
-        header="Idempotency-Key",
+    HeaderParameter(
+        name="Idempotency-Key",
         min_length=1,
         max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
         description="Repeat a create safely: the same key and body return the original run.",
@@ -120,9 +127,8 @@ async def _load(services: Services, run_id: str) -> RunRecord:
 
 class RunsController(Controller):
     path = "/v1"
-    tags = ["runs"]
-    guards = [require_auth]
-    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
+    tags = ("runs",)
+    guards = (require_auth,)
 
     @post(
         "/runs",
@@ -134,8 +140,8 @@ class RunsController(Controller):
     async def create_run(
         self,
         request: Request[Any, Any, Any],
-        services: Services,
-        data: CreateRunRequest,
+        services: NamedDependency[Services],
+        data: JSONBody[CreateRunRequest],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[RunRecord]:
         # ``data`` documents the body; the strictly decoded one is what counts.
@@ -154,16 +160,18 @@ class RunsController(Controller):
         return Response(admission.record, status_code=202, headers=headers)
 
     @get("/runs/{run_id:str}", summary="Read a run")
-    async def get_run(self, services: Services, run_id: str) -> RunRecord:
+    async def get_run(
+        self, services: NamedDependency[Services], run_id: FromPath[str]
+    ) -> RunRecord:
         return await _load(services, run_id)
 
     @get("/runs/{run_id:str}/events", summary="A page of a run's events, oldest first")
     async def list_events(
         self,
-        services: Services,
-        run_id: str,
-        after: Annotated[str | None, Parameter(description="Exclusive cursor.")] = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        services: NamedDependency[Services],
+        run_id: FromPath[str],
+        after: Annotated[str | None, QueryParameter(description="Exclusive cursor.")] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> EventPage:
         _check_run_id(run_id)
         if after is not None:
@@ -180,10 +188,10 @@ class RunsController(Controller):
     )
     async def stream_events(
         self,
-        services: Services,
-        run_id: str,
-        after: Annotated[str | None, Parameter(description="Exclusive cursor.")] = None,
-        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+        services: NamedDependency[Services],
+        run_id: FromPath[str],
+        after: Annotated[str | None, QueryParameter(description="Exclusive cursor.")] = None,
+        last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
     ) -> Stream:
         # Last-Event-ID wins: a reconnecting EventSource sends it with the original URL.
         cursor = last_event_id or after
@@ -204,7 +212,9 @@ class RunsController(Controller):
         )
 
     @post("/runs/{run_id:str}/cancel", status_code=202, summary="Cancel a run, wherever it runs")
-    async def cancel_run(self, services: Services, run_id: str) -> Response[RunRecord]:
+    async def cancel_run(
+        self, services: NamedDependency[Services], run_id: FromPath[str]
+    ) -> Response[RunRecord]:
         _check_run_id(run_id)
         outcome = await services.scheduler.cancel(run_id)
         record = await _load(services, run_id)
@@ -216,7 +226,7 @@ class RunsController(Controller):
         return Response(record, status_code=status_code)
 
     @get("/tasks", summary="Registered tasks and the JSON Schema of each input")
-    async def list_tasks(self, services: Services) -> TaskList:
+    async def list_tasks(self, services: NamedDependency[Services]) -> TaskList:
         return TaskList(
             tasks=[
                 TaskInfo(name=t.name, description=t.description, input_schema=t.input_schema())

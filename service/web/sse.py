@@ -73,15 +73,15 @@ async def event_stream(
                     return
             if len(events) == PAGE_SIZE:
                 continue
-            if not await _first_of(watch.wait(), draining.wait(), timeout=keepalive_seconds):
+            if not await _first_of(watch.wait(), draining.wait(), within=keepalive_seconds):
                 yield _KEEPALIVE
 
 
-async def _first_of(*awaitables: Awaitable[object], timeout: float) -> bool:
+async def _first_of(*awaitables: Awaitable[object], within: float) -> bool:
     """Wait for the first to complete; False if none did within the timeout."""
     tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
     try:
-        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()

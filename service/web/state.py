@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import httpx
 from litestar import Litestar
 from litestar.datastructures import State
