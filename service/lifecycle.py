@@ -60,18 +60,18 @@ class Lifecycle:
         self.trigger = trigger
         self.drain_started = loop.time()
         self.state = "draining"
-        self._scheduler.begin_drain()
+        drain = self._scheduler.start_drain(self._grace)
         self.draining.set()
         log.info("drain_triggered", trigger=trigger)
-        self._drain_task = loop.create_task(self._drain(), name="quiesce-drain")
+        self._drain_task = loop.create_task(self._finish(drain), name="quiesce-drain")
 
     async def wait_stopped(self) -> DrainProgress | None:
         await self.stopped.wait()
         return self._scheduler.drain_progress
 
-    async def _drain(self) -> None:
+    async def _finish(self, drain: asyncio.Task[DrainProgress]) -> None:
         try:
-            await self._scheduler.drain(self._grace)
+            await drain
         finally:
             self.state = "stopped"
             self.stopped.set()

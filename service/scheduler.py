@@ -208,10 +208,8 @@ class Scheduler:
         self, run_id: str, task: Task[Any], params: msgspec.Struct, request: CreateRunRequest
     ) -> _ActiveRun:
         if self._draining:
-            self._metrics.runs_rejected.labels("draining").inc()
             raise Draining("this replica is draining and admits no new runs")
         if len(self._runs) >= self._max_active:
-            self._metrics.runs_rejected.labels("capacity").inc()
             raise AtCapacity(
                 f"this replica is at its limit of {self._max_active} active runs",
                 max_active_runs=self._max_active,
@@ -415,15 +413,19 @@ class Scheduler:
             self._draining = True
             self._metrics.draining.set(1)
 
-    async def drain(self, grace_seconds: float) -> DrainProgress:
-        """Drain once; later calls wait for the same drain (it is never restarted)."""
+    def start_drain(self, grace_seconds: float) -> asyncio.Task[DrainProgress]:
+        """Start the drain now (synchronously); a later call returns the same drain."""
         self.begin_drain()
         if self._drain_task is None:
             self.drain_progress = DrainProgress(
                 started_at=self._now(), grace_seconds=grace_seconds, active_at_start=len(self._runs)
             )
             self._drain_task = asyncio.create_task(self._drain(self.drain_progress))
-        return await asyncio.shield(self._drain_task)
+        return self._drain_task
+
+    async def drain(self, grace_seconds: float) -> DrainProgress:
+        """Drain once; later calls wait for the same drain (it is never restarted)."""
+        return await asyncio.shield(self.start_drain(grace_seconds))
 
     async def _drain(self, progress: DrainProgress) -> DrainProgress:
         log.info("drain_started", active_runs=len(self._runs), grace_seconds=progress.grace_seconds)

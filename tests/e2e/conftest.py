@@ -1,0 +1,128 @@
+"""The real thing: ``quiesce serve`` (Granian) in a subprocess on a free port, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from service.schemas import RunRecord, event_type
+from service.store.redis import RedisRunStore
+from tests.conftest import RedisServer, free_port
+
+BIN = Path(sys.executable).parent
+GRACE_SECONDS = 2.0
+
+
+@dataclass
+class Server:
+    """A running ``quiesce serve`` process."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    env: dict[str, str]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def signal(self, sig: signal.Signals) -> float:
+        """Send ``sig`` to Granian's main process; return when it was sent (monotonic)."""
+        self.process.send_signal(sig)
+        return time.monotonic()
+
+    def wait_exit(self, within: float) -> tuple[int, float]:
+        """Wait for the process to exit; (exit code, when it exited, monotonic)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                return code, time.monotonic()
+            time.sleep(0.01)
+        raise AssertionError(f"the server did not exit within {within}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                events.append(msgspec.json.decode(line))
+        return events
+
+    def command_env(self) -> dict[str, str]:
+        """The environment for ``quiesce drain`` run beside the server (the preStop hook)."""
+        return dict(self.env)
+
+
+def start_server(tmp_path: Path, redis_url: str, **extra_env: str) -> Server:
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "PORT": str(port),
+        "QUIESCE_REDIS_URL": redis_url,
+        "QUIESCE_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+        "QUIESCE_WORKER_ID": "e2e-worker",
+        "QUIESCE_LOG_FORMAT": "json",
+        **extra_env,
+    }
+    log_path = tmp_path / f"server-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [str(BIN / "quiesce"), "serve", "--host", "127.0.0.1"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(process=process, port=port, env=env, log_path=log_path)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited at start:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=0.5).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"the server did not become ready:\n{server.log()}")
+
+
+@pytest.fixture
+def server(tmp_path: Path, redis_server: RedisServer) -> Iterator[Server]:
+    instance = start_server(tmp_path, redis_server.url)
+    yield instance
+    if instance.process.poll() is None:
+        instance.process.kill()
+        instance.process.wait()
+
+
+@pytest.fixture
+async def run_store(redis_server: RedisServer) -> AsyncIterator[RedisRunStore]:
+    """A store on the server's Redis, to check what the server wrote."""
+    store = RedisRunStore(redis_server.url, retention_seconds=3600)
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def terminal_history(store: RedisRunStore, run_id: str) -> tuple[RunRecord, list[str]]:
+    """The run's record and its event types, as the store holds them."""
+    record = await store.get(run_id)
+    events = await store.events(run_id, after=None, limit=1000)
+    assert record is not None
+    assert events is not None
+    return record, [event_type(event) for event in events]
