@@ -10,9 +10,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,9 +32,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REQUIRE_TOOLS = os.environ.get("QUIESCE_REQUIRE_TOOLS") == "1"
 
 
+REPO = Path(__file__).resolve().parent.parent
+#: Where tools may be besides PATH: the virtualenv (hadolint) and .ci/tools (promtool).
+TOOL_DIRS = (Path(sys.executable).parent, REPO / ".ci" / "tools")
+
+
 def require_tool(name: str) -> str:
     """The path of a tool; skip the test without it (fail in CI, where it must exist)."""
-    path = shutil.which(name)
+    path = shutil.which(name) or next(
+        (str(d / name) for d in TOOL_DIRS if (d / name).is_file()), None
+    )
     if path is None:
         message = f"{name} is not on PATH"
         if REQUIRE_TOOLS:

@@ -1,16 +1,13 @@
 """How the deploy tests read the deploy files: the kustomize base, the Deployment's
 pod, its environment as the service would see it, the app's routes, the Dockerfile.
 
-Tools (``kubectl``, ``hadolint``, the ``kubernetes-validate`` library) are used when
-installed; a test that needs a missing one is skipped, or fails when
-``QUIESCE_REQUIRE_TOOLS=1`` (CI, where they must exist).
+Tools (``hadolint``, the ``kubernetes-validate`` library) are used when installed; a
+test that needs a missing one is skipped, or fails when ``QUIESCE_REQUIRE_TOOLS=1``
+(CI, where they must exist). ``kubectl`` is optional everywhere.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -21,13 +18,13 @@ import yaml
 
 from service.config import Settings
 from service.web.app import create_app
+from tests.conftest import REQUIRE_TOOLS
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 K8S: Final = ROOT / "deploy" / "k8s"
 ADAPTER_RULES: Final = K8S / "prometheus-adapter" / "rules.yaml"
 KEDA_EXAMPLE: Final = K8S / "examples" / "keda-scaledobject.yaml"
 DOCKERFILE: Final = ROOT / "Dockerfile"
-REQUIRE_TOOLS: Final = os.environ.get("QUIESCE_REQUIRE_TOOLS") == "1"
 
 
 #: Values for the Deployment's env entries that come from the cluster.
@@ -49,20 +46,6 @@ def load_one(path: Path) -> dict[str, Any]:
     assert len(docs) == 1, f"{path}: expected one YAML document, found {len(docs)}"
     assert isinstance(docs[0], dict)
     return docs[0]
-
-
-def find_tool(name: str) -> str:
-    """A tool next to this interpreter (installed in the venv) or on PATH; else skip/fail."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is not None:
-        return found
-    message = f"{name} is neither next to {sys.executable} nor on PATH"
-    if REQUIRE_TOOLS:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
