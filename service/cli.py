@@ -19,6 +19,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from typing import Final
 
 import httpx
@@ -42,6 +43,7 @@ def granian_argv(settings: Settings, host: str) -> list[str]:
         "--workers", "1",
         "--loop", "asyncio",
         "--no-ws",
+        "--log-config", str(resources.files("service").joinpath("granian_logging.json")),
         "--factory",
         APP_FACTORY,
     ]  # fmt: skip

@@ -10,6 +10,7 @@ defence, values under sensitive key names are masked.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Final
@@ -32,24 +33,10 @@ def _mask_sensitive(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
 
 def configure_logging(log_format: LogFormat | None, *, level: int = logging.INFO) -> None:
     """Route structlog and stdlib logging through one renderer on stderr."""
-    fmt = log_format or ("console" if sys.stderr.isatty() else "json")
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _mask_sensitive,
-    ]
-    renderer: Any
-    if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
-        shared.append(structlog.processors.dict_tracebacks)
-    else:
-        renderer = structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
-            *shared,
+            *_shared_processors(_resolve(log_format)),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -58,14 +45,48 @@ def configure_logging(log_format: LogFormat | None, *, level: int = logging.INFO
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        )
-    )
+    handler.setFormatter(stdlib_formatter(log_format))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def stdlib_formatter(log_format: LogFormat | None) -> logging.Formatter:
+    """A formatter that renders standard-library records like our own events."""
+    fmt = _resolve(log_format)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(fmt),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+
+
+def granian_formatter() -> logging.Formatter:
+    """Factory named by ``granian_logging.json``: Granian's own lines in our format.
+
+    Granian's main process builds it before any settings object exists, so it reads
+    the (already validated) ``QUIESCE_LOG_FORMAT`` itself.
+    """
+    value = os.environ.get("QUIESCE_LOG_FORMAT", "").strip()
+    return stdlib_formatter("console" if value == "console" else "json" if value else None)
+
+
+def _resolve(log_format: LogFormat | None) -> LogFormat:
+    return log_format or ("console" if sys.stderr.isatty() else "json")
+
+
+def _shared_processors(fmt: LogFormat) -> list[Any]:
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _mask_sensitive,
+    ]
+    if fmt == "json":
+        processors.append(structlog.processors.dict_tracebacks)
+    return processors
