@@ -23,7 +23,9 @@ lifespan shutdown. A drain started there is too late. So, in the worker:
 
 ``quiesce serve`` runs Granian with ``--loop asyncio`` (the handlers live in the
 asyncio loop's table) and sets ``QUIESCE_GRANIAN_MAIN_PID``; if the handlers cannot
-be taken over under Granian, start-up fails rather than run without a drain.
+be taken over then, start-up fails rather than run without a drain. Under a plain
+``granian`` command the bridge is installed when it can be, and an error is logged
+when it cannot (e.g. with uvloop).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from typing import Any, Final
 
 import structlog
@@ -51,24 +54,36 @@ SELF_STOP_AFTER_GRACE_SECONDS: Final = 1.0
 
 def install(lifecycle: Lifecycle) -> bool:
     """Take over the worker's signal handlers; False when not running under Granian."""
-    main_pid = os.environ.get(MAIN_PID_ENV)
-    if main_pid is None:
-        return False
     loop = asyncio.get_running_loop()
-    # asyncio's Unix loops keep {signal: Handle}; Granian's handlers are in there.
+    # asyncio's Unix loops keep {signal: Handle}; a Granian worker's are in there,
+    # recognisable by the module of their callback.
     table: Any = getattr(loop, "_signal_handlers", None)
     saved = {sig: table.get(sig) for sig in SIGNALS} if isinstance(table, dict) else {}
-    if not saved or not all(saved.values()):
+    if saved and all(_is_granians(handle) for handle in saved.values()):
+        main_pid = int(os.environ.get(MAIN_PID_ENV) or os.getppid())
+        bridge = _Bridge(loop, lifecycle, saved, main_pid)
+        for sig in SIGNALS:
+            loop.add_signal_handler(sig, bridge.on_signal, sig)
+        lifecycle.on_stopped(bridge.on_drained)
+        log.info("granian_bridge_installed", main_pid=main_pid)
+        return True
+    if MAIN_PID_ENV in os.environ:
         raise RuntimeError(
             "cannot take over Granian's signal handlers (is it running with --loop asyncio?); "
             "refusing to serve without a drain"
         )
-    bridge = _Bridge(loop, lifecycle, saved, int(main_pid))
-    for sig in SIGNALS:
-        loop.add_signal_handler(sig, bridge.on_signal, sig)
-    lifecycle.on_stopped(bridge.on_drained)
-    log.info("granian_bridge_installed", main_pid=int(main_pid))
-    return True
+    if "granian" in sys.modules:
+        log.error(
+            "granian_bridge_unavailable",
+            detail="start the service with `quiesce serve`: without it a drain starts only "
+            "after Granian has closed its listener and every connection",
+        )
+    return False
+
+
+def _is_granians(handle: Any) -> bool:
+    callback = getattr(handle, "_callback", None)
+    return getattr(callback, "__module__", None) == "granian._signals"
 
 
 class _Bridge:
