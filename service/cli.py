@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from importlib import resources
 from typing import Final
 
-import httpx
-
 from service import __version__
 from service.config import ConfigError, Settings
-from service.granian_bridge import MAIN_PID_ENV
 
 APP_FACTORY: Final = "service.web.app:create_app"
 EXIT_FAILED: Final = 1
@@ -50,6 +51,8 @@ def granian_argv(settings: Settings, host: str) -> list[str]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from service.granian_bridge import MAIN_PID_ENV
+
     settings = Settings.from_env(os.environ)
     argv = granian_argv(settings, args.host)
     # exec keeps this PID, so Granian's main process is the PID the bridge is told.
@@ -94,21 +97,23 @@ def drain(args: argparse.Namespace) -> int:
     headers = {}
     if settings.api_token is not None:
         headers["Authorization"] = f"Bearer {settings.api_token}"
+    # --timeout bounds the whole command: the server is asked to answer a little earlier.
+    query = urllib.parse.urlencode({"wait": max(timeout - 0.5, 0.0)})
+    request = urllib.request.Request(  # noqa: S310 - an http URL built here
+        f"{url}/admin/drain?{query}", data=b"", headers=headers, method="POST"
+    )
     try:
-        # --timeout bounds the whole command: the server answers a little earlier.
-        response = httpx.post(
-            f"{url}/admin/drain",
-            params={"wait": max(timeout - 0.5, 0.0)},
-            headers=headers,
-            timeout=timeout,
-        )
-    except httpx.HTTPError as exc:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (OSError, ValueError) as exc:  # refused, timed out, unreachable, bad URL
         print(f"drain: no answer from {url}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if response.status_code != 202:
-        print(f"drain: {url} answered {response.status_code}: {response.text}", file=sys.stderr)
+    if status != 202:
+        print(f"drain: {url} answered {status}: {body.decode(errors='replace')}", file=sys.stderr)
         return EXIT_FAILED
-    state = response.json()
+    state = json.loads(body)
     drain_info = state.get("drain") or {}
     if state.get("state") != "stopped":
         print(

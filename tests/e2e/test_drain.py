@@ -15,6 +15,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -55,16 +56,16 @@ async def read_stream(url: str, run_id: str) -> StreamResult:
         assert response.status_code == 200
         async for chunk in response.aiter_text():
             chunks.append(chunk)
-    return StreamResult(text="".join(chunks), ended_at=time.monotonic())
+    return StreamResult(text="".join(chunks), ended_at=time.time())
 
 
 async def first_status(http: httpx.AsyncClient, path: str, status: int, within: float) -> float:
-    """Poll ``path`` until it answers ``status``; when it did (monotonic)."""
+    """Poll ``path`` until it answers ``status``; when it did (wall clock, like the logs)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         response = await http.get(path)
         if response.status_code == status:
-            return time.monotonic()
+            return time.time()
         await asyncio.sleep(0.02)
     raise AssertionError(f"{path} did not answer {status} within {within}s")
 
@@ -94,6 +95,14 @@ async def assert_drain_outcome(store: RedisRunStore, short: list[str], long: lis
         assert history == ["run_started", "run_failed"]
 
 
+def drain_started_at(server: Server) -> float:
+    """When the server began its drain (wall clock), from its ``drain_triggered`` log line."""
+    for event in server.log_events():
+        if event.get("event") == "drain_triggered":
+            return datetime.fromisoformat(event["timestamp"]).timestamp()
+    raise AssertionError(f"no drain_triggered event in the log:\n{server.log()}")
+
+
 async def test_prestop_drain_then_sigterm(server: Server, run_store: RedisRunStore) -> None:
     """Kubernetes' order: the preStop hook (`quiesce drain`) runs first, then SIGTERM."""
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
@@ -102,45 +111,52 @@ async def test_prestop_drain_then_sigterm(server: Server, run_store: RedisRunSto
         stream = asyncio.create_task(read_stream(server.url, long[0]))
         await asyncio.sleep(0.3)  # the stream is open
 
-        started = time.monotonic()
         hook = await asyncio.create_subprocess_exec(
             str(BIN / "quiesce"), "drain", "--timeout", "10",
             env=server.command_env(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        try:
+            # The hook is a new Python process: allow for its start, then measure
+            # from the moment the server began the drain.
+            not_ready = await first_status(http, "/readyz", 503, within=5.0)
+            started = drain_started_at(server)
+            assert not_ready - started < 1.0
+            assert (await http.get("/readyz")).json() == {"status": "draining"}
+            assert (await http.get("/healthz")).status_code == 200
+            refused = await http.post("/v1/runs", json={"task": "sleep", "input": {"seconds": 1}})
+            assert refused.status_code == 503
+            assert int(refused.headers["retry-after"]) > 0
+            during = (await http.get("/metrics")).text
+            assert metric(during, "quiesce_draining") == 1
+            assert 2 <= metric(during, "quiesce_active_runs") <= 4
+            assert metric(during, "quiesce_runs_rejected_total", reason="draining") == 1
+            assert (await http.get(f"/v1/runs/{long[1]}")).json()["status"] == "running"
 
-        assert await first_status(http, "/readyz", 503, within=1.0) - started < 1.0
-        assert (await http.get("/readyz")).json() == {"status": "draining"}
-        assert (await http.get("/healthz")).status_code == 200
-        refused = await http.post("/v1/runs", json={"task": "sleep", "input": {"seconds": 1}})
-        assert refused.status_code == 503
-        assert int(refused.headers["retry-after"]) > 0
-        during = (await http.get("/metrics")).text
-        assert metric(during, "quiesce_draining") == 1
-        assert 2 <= metric(during, "quiesce_active_runs") <= 4
-        assert metric(during, "quiesce_runs_rejected_total", reason="draining") == 1
-        assert (await http.get(f"/v1/runs/{long[1]}")).json()["status"] == "running"
+            result = await asyncio.wait_for(stream, 5.0)
+            assert result.ended_at - started < 1.0
+            assert "retry: " in result.text
+            assert "event: run_started" in result.text
 
-        result = await asyncio.wait_for(stream, 2.0)
-        assert result.ended_at - started < 1.0
-        assert "retry: " in result.text
-        assert "event: run_started" in result.text
-
-        out, err = await asyncio.wait_for(hook.communicate(), 10)
+            out, err = await asyncio.wait_for(hook.communicate(), 15)
+        finally:
+            if hook.returncode is None:
+                hook.kill()
+                await hook.wait()
         assert hook.returncode == 0, err.decode()
         assert b"drain: finished" in out
         # The hook returned; the server still answers until the kubelet's SIGTERM.
         after = (await http.get("/metrics")).text
-        assert (
-            metric(after, "quiesce_run_cancellations_total", task="sleep", reason="shutdown") == 2
-        )
+        shutdown = {"task": "sleep", "reason": "shutdown"}
+        assert metric(after, "quiesce_run_cancellations_total", **shutdown) == 2
         assert metric(after, "quiesce_runs_finished_total", task="sleep", status="failed") == 2
         assert metric(after, "quiesce_active_runs") == 0
         assert (await http.get("/admin/state")).json()["state"] == "stopped"
 
         server.signal(signal.SIGTERM)
-        code, exited = server.wait_exit(within=EXIT_BOUND_SECONDS + 5)
+        code, _ = await asyncio.to_thread(server.wait_exit, EXIT_BOUND_SECONDS + 5)
+        exited = time.time()
     assert code == 0, server.log()
     assert exited - started <= EXIT_BOUND_SECONDS
     await assert_drain_outcome(run_store, short, long)
@@ -157,7 +173,8 @@ async def test_a_signal_alone_drains_and_exits_0(
         stream = asyncio.create_task(read_stream(server.url, long[0]))
         await asyncio.sleep(0.3)
 
-        started = server.signal(stop_signal)
+        server.signal(stop_signal)
+        started = time.time()
         assert await first_status(http, "/readyz", 503, within=1.0) - started < 1.0
         refused = await http.post("/v1/runs", json={"task": "sleep", "input": {"seconds": 1}})
         assert refused.status_code == 503
@@ -173,7 +190,8 @@ async def test_a_signal_alone_drains_and_exits_0(
         late = await asyncio.wait_for(read_stream(server.url, long[1]), 2.0)
         assert "retry: " in late.text
 
-        code, exited = await asyncio.to_thread(server.wait_exit, EXIT_BOUND_SECONDS + 5)
+        code, _ = await asyncio.to_thread(server.wait_exit, EXIT_BOUND_SECONDS + 5)
+        exited = time.time()
     assert code == 0, server.log()
     assert exited - started <= EXIT_BOUND_SECONDS, server.log()
     await assert_drain_outcome(run_store, short, long)
