@@ -12,7 +12,9 @@ checks each against both stores):
   status and the terminal event are written together, and a later finalize changes
   nothing and returns False;
 * nothing is appended to a run's events after its terminal event;
-* event cursors increase, and ``after`` is exclusive.
+* event cursors increase, and ``after`` is exclusive;
+* a run is listed under its worker (``runs_of``) from its creation until its
+  finalization, so the runs of a worker whose lease expired can be found.
 """
 
 from __future__ import annotations
@@ -124,3 +126,21 @@ class RunStore(Protocol):
 
     async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
         """Which of these runs have a pending cancel request (for resyncs)."""
+
+    # --- worker leases (see service.reaper) ------------------------------------------
+
+    async def heartbeat(self, worker_id: str, ttl_seconds: float) -> None:
+        """Hold (or renew) ``worker_id``'s lease for ``ttl_seconds`` of the store's clock."""
+
+    async def retire(self, worker_id: str) -> None:
+        """Give up the lease of a worker that stopped with none of its runs running."""
+
+    async def expired_workers(self) -> list[str]:
+        """Workers whose lease has expired (oldest first, a bounded batch)."""
+
+    async def runs_of(self, worker_id: str) -> list[str]:
+        """Ids of the runs created by ``worker_id`` that it has not finalized."""
+
+    async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
+        """Drop reaped runs from a lost worker's list, and the worker if its lease is
+        still expired (a worker that came back keeps its lease)."""

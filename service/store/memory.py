@@ -170,6 +170,29 @@ class MemoryRunStore:
             if (entry := self._live(run_id)) is not None and entry.cancel_requested
         }
 
+    # --- worker leases: one process, so nobody else could reap its runs ---------------
+
+    async def heartbeat(self, worker_id: str, ttl_seconds: float) -> None:
+        return None
+
+    async def retire(self, worker_id: str) -> None:
+        return None
+
+    async def expired_workers(self) -> list[str]:
+        return []
+
+    async def runs_of(self, worker_id: str) -> list[str]:
+        return [
+            run_id
+            for run_id, entry in self._runs.items()
+            if entry.record is not None
+            and entry.record.worker_id == worker_id
+            and not entry.record.is_terminal
+        ]
+
+    async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
+        return None
+
     # --- internals --------------------------------------------------------------
 
     def _live(self, run_id: str) -> _Entry | None:

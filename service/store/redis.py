@@ -9,6 +9,12 @@ also runs on Redis Cluster:
   ``initial`` (the record returned by the original create);
 * ``quiesce:{<run_id>}:events`` — a stream capped at ``MAX_EVENTS_PER_RUN`` entries.
 
+Leases (``service.reaper``): ``quiesce:workers`` is a sorted set of worker ids scored
+by lease expiry (on the Redis server's clock), and ``quiesce:{worker:<id>}:runs``
+the set of a worker's unfinished runs. A run is added to that set just before its
+create and removed after its finalize, in separate commands (they live in other
+slots): a crash in between leaves at most an id whose finalize is a no-op.
+
 While a run is running its keys live for retention plus its timeout (so a long run
 does not expire under its owner); the terminal write resets them to the retention.
 Every state change is one Lua script (``lua/``) sent through the group-commit
@@ -67,8 +73,14 @@ RUNNING_TTL_MARGIN_SECONDS: Final = 300
 
 _SCRIPTS: Final = {
     name: LuaScript.load(name)
-    for name in ("claim", "release", "create", "append", "finalize", "cancel")
-}
+    for name in (
+        "claim", "release", "create", "append", "finalize", "cancel",
+        "heartbeat", "expired", "forget",
+    )
+}  # fmt: skip
+WORKERS_KEY: Final = "quiesce:workers"
+#: The most expired workers one reaper pass looks at.
+EXPIRED_BATCH: Final = 100
 
 
 def run_key(run_id: str) -> str:
@@ -77,6 +89,10 @@ def run_key(run_id: str) -> str:
 
 def events_key(run_id: str) -> str:
     return f"quiesce:{{{run_id}}}:events"
+
+
+def worker_runs_key(worker_id: str) -> str:
+    return f"quiesce:{{worker:{worker_id}}}:runs"
 
 
 class RedisRunStore:
@@ -157,8 +173,11 @@ class RedisRunStore:
 
     async def create(self, record: RunRecord, started: RunStarted) -> None:
         ttl = int(self._retention + record.timeout_seconds) + RUNNING_TTL_MARGIN_SECONDS
-        await self._script(
-            "create",
+        # Listed under its worker first, so a running run can always be found by the
+        # reaper: both go in the same queue, in this order, normally in one pipeline.
+        listed = self._commands.execute("SADD", worker_runs_key(record.worker_id), record.run_id)
+        created = self._commands.script(
+            _SCRIPTS["create"],
             [run_key(record.run_id), events_key(record.run_id)],
             [
                 json_encoder.encode(record),
@@ -169,6 +188,7 @@ class RedisRunStore:
                 EVENTS_CHANNEL_PREFIX + record.run_id,
             ],
         )
+        await self._call("create", asyncio.gather(listed, created))
 
     # --- reads --------------------------------------------------------------------
 
@@ -223,6 +243,10 @@ class RedisRunStore:
                 EVENTS_CHANNEL_PREFIX + record.run_id,
             ],
         )
+        await self._call(
+            "finalize",
+            self._commands.execute("SREM", worker_runs_key(record.worker_id), record.run_id),
+        )
         return bool(reply)
 
     async def request_cancel(self, run_id: str) -> CancelOutcome:
@@ -231,6 +255,31 @@ class RedisRunStore:
         if outcome == "missing":
             raise RunNotFound(f"run {run_id} not found")
         return CancelOutcome(outcome)
+
+    # --- worker leases --------------------------------------------------------------
+
+    async def heartbeat(self, worker_id: str, ttl_seconds: float) -> None:
+        await self._script("heartbeat", [WORKERS_KEY], [worker_id, int(ttl_seconds * 1000)])
+
+    async def retire(self, worker_id: str) -> None:
+        await self._call("retire", self._commands.execute("ZREM", WORKERS_KEY, worker_id))
+
+    async def expired_workers(self) -> list[str]:
+        reply = await self._script("expired", [WORKERS_KEY], [EXPIRED_BATCH])
+        return [worker_id.decode() for worker_id in reply]
+
+    async def runs_of(self, worker_id: str) -> list[str]:
+        members = await self._call(
+            "runs_of", self._commands.execute("SMEMBERS", worker_runs_key(worker_id))
+        )
+        return sorted(member.decode() for member in members)
+
+    async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
+        if run_ids:
+            await self._call(
+                "forget", self._commands.execute("SREM", worker_runs_key(worker_id), *run_ids)
+            )
+        await self._script("forget", [WORKERS_KEY], [worker_id])
 
     # --- internals ----------------------------------------------------------------
 

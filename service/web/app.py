@@ -2,10 +2,10 @@
 
 Granian calls it (``--factory``) in its worker process. Configuration, logging, the
 task registry and the metrics are built here, so a bad setting or task module stops
-the process before it listens. The store, the HTTP client, the scheduler and the
-lifecycle live in the lifespan, which opens them before the first request and, on
-the way out, drains (if no drain ran yet) and then closes the store — every write
-has completed by then.
+the process before it listens. The store, the HTTP client, the scheduler, the
+lifecycle and the reaper live in the lifespan, which opens them before the first
+request and, on the way out, drains (if no drain ran yet), gives up the lease and
+then closes the store — every write has completed by then.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from service.errors import QuiesceError
 from service.lifecycle import Lifecycle
 from service.logging import configure_logging
 from service.metrics import Metrics
+from service.reaper import Reaper
 from service.scheduler import Scheduler
 from service.store import open_store
 from service.tasks.loader import build_registry
@@ -76,6 +77,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             )
             lifecycle = Lifecycle(scheduler, grace_seconds=settings.shutdown_grace_seconds)
             await store.start()
+            reaper = Reaper(
+                store=store,
+                metrics=app_metrics,
+                worker_id=settings.worker_id,
+                lease_ttl_seconds=settings.lease_ttl_seconds,
+            )
+            await reaper.start()
             app.state.services = Services(
                 settings=settings,
                 metrics=app_metrics,
@@ -96,6 +104,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 if lifecycle.trigger is None:
                     lifecycle.begin_drain("server_shutdown")
                 await lifecycle.wait_stopped()
+                # Every run finalized: give the lease up; else let it expire, and a
+                # peer reaps what this process could not write.
+                await reaper.stop(retire=not scheduler.active_runs())
                 await store.close()
                 log.info("stopped")
 

@@ -42,6 +42,11 @@ class Server:
         self.process.send_signal(sig)
         return time.monotonic()
 
+    def crash(self) -> None:
+        """SIGKILL Granian's main process and its worker at once, as an OOM kill would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
     def wait_exit(self, within: float) -> tuple[int, float]:
         """Wait for the process to exit; (exit code, when it exited, monotonic)."""
         deadline = time.monotonic() + within
@@ -85,6 +90,7 @@ def start_server(tmp_path: Path, redis_url: str, **extra_env: str) -> Server:
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own: a crash can take main and worker
         )
     server = Server(process=process, port=port, env=env, log_path=log_path)
     deadline = time.monotonic() + 15
@@ -101,13 +107,18 @@ def start_server(tmp_path: Path, redis_url: str, **extra_env: str) -> Server:
     raise AssertionError(f"the server did not become ready:\n{server.log()}")
 
 
+def stop(server: Server) -> None:
+    """Make sure nothing of the server is left running."""
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+
 @pytest.fixture
 def server(tmp_path: Path, redis_server: RedisServer) -> Iterator[Server]:
     instance = start_server(tmp_path, redis_server.url)
     yield instance
-    if instance.process.poll() is None:
-        instance.process.kill()
-        instance.process.wait()
+    stop(instance)
 
 
 @pytest.fixture

@@ -23,7 +23,14 @@ import pytest
 
 from service.store.redis import RedisRunStore
 from tests.conftest import RedisServer
-from tests.e2e.conftest import BIN, GRACE_SECONDS, Server, start_server, terminal_history
+from tests.e2e.conftest import (
+    BIN,
+    GRACE_SECONDS,
+    Server,
+    start_server,
+    stop,
+    terminal_history,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -238,5 +245,4 @@ async def test_a_second_signal_neither_restarts_nor_extends_the_drain(
         triggers = [e for e in server.log_events() if e.get("event") == "drain_triggered"]
         assert len(triggers) == 1
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
+        stop(server)

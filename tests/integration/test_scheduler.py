@@ -93,6 +93,14 @@ async def wait_terminal(store: RunStore, run_id: str, within: float = 3.0) -> Ru
     raise AssertionError(f"run {run_id} still running after {within}s")
 
 
+async def settled(scheduler: Scheduler, within: float = 3.0) -> None:
+    """Wait until every supervisor is done (the store may show a run terminal first)."""
+    deadline = time.monotonic() + within
+    while scheduler.active_runs():
+        assert time.monotonic() < deadline, "runs still held by the scheduler"
+        await asyncio.sleep(0.01)
+
+
 async def event_types(store: RunStore, run_id: str) -> list[str]:
     events = await store.events(run_id, after=None, limit=1000)
     assert events is not None
@@ -149,6 +157,7 @@ async def test_the_deadline_fails_the_run_with_reason_timeout(
     assert record.error is not None
     assert record.error.reason == "timeout"
     assert "0.1s" in record.error.message
+    await settled(scheduler)
     assert sample(scheduler._metrics.run_cancellations, "sleep", "timeout") == 1
     assert sample(scheduler._metrics.run_failures, "sleep", "timeout") == 1
 

@@ -1,0 +1,122 @@
+"""Worker leases and the reaper: no run stays ``running`` after its worker is gone.
+
+A drain finalizes every run of a stopping pod; a crash (SIGKILL, OOM kill, a lost
+node) cannot. So every worker holds a lease in the store, renewed every third of
+``QUIESCE_LEASE_TTL_SECONDS``, and every worker also reaps: twice per TTL it looks
+for workers whose lease expired and finalizes each of their unfinished runs as
+``failed`` with reason ``worker_lost``. Reapers on several replicas may race; the
+store's terminal compare-and-set lets exactly one write win, and only winners are
+counted in ``quiesce_orphans_reaped_total``.
+
+A process also reaps its *own* worker id once at start: runs listed under it then
+were left by an earlier process with the same id (a restarted container keeps its
+hostname), since no live process shares a worker id. Worker ids must therefore be
+unique among running processes — the pod name is.
+
+The lease is renewed throughout a drain (which may outlast the TTL), and given up
+only when the drain has finalized every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from datetime import datetime
+
+import msgspec
+import structlog
+
+from service.errors import StoreUnavailable
+from service.metrics import Metrics
+from service.schemas import RunError, utcnow
+from service.store import RunStore
+
+log = structlog.get_logger(__name__)
+
+
+class Reaper:
+    def __init__(
+        self,
+        *,
+        store: RunStore,
+        metrics: Metrics,
+        worker_id: str,
+        lease_ttl_seconds: float,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._worker_id = worker_id
+        self._ttl = lease_ttl_seconds
+        self._now = now
+        self._recovered = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Reap what an earlier process with our id left, take the lease, keep it."""
+        await self._tick(reap=False)
+        self._task = asyncio.create_task(self._run(), name="quiesce-reaper")
+
+    async def stop(self, *, retire: bool) -> None:
+        """Stop renewing; ``retire`` gives the lease up (every run was finalized)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if retire:
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.retire(self._worker_id)
+
+    async def reap_expired(self) -> int:
+        """Finalize the runs of every worker whose lease expired; how many this won."""
+        won = 0
+        for worker_id in await self._store.expired_workers():
+            if worker_id != self._worker_id:  # our own lease lapsed while we were cut off
+                won += await self._reap(worker_id, f"worker {worker_id} stopped renewing its lease")
+        return won
+
+    async def _run(self) -> None:
+        beats = 0
+        while True:
+            # Jitter keeps the replicas of one rollout from reaping in lockstep.
+            await asyncio.sleep(self._ttl / 3 * random.uniform(0.9, 1.0))  # noqa: S311
+            beats += 1
+            await self._tick(reap=beats % 2 == 0)
+
+    async def _tick(self, *, reap: bool) -> None:
+        try:
+            if not self._recovered:
+                message = f"worker {self._worker_id} restarted before the run finished"
+                await self._reap(self._worker_id, message)
+                self._recovered = True
+            await self._store.heartbeat(self._worker_id, self._ttl)
+            if reap:
+                await self.reap_expired()
+        except StoreUnavailable as exc:
+            log.warning("lease_renewal_failed", error=str(exc))
+
+    async def _reap(self, worker_id: str, message: str) -> int:
+        run_ids = await self._store.runs_of(worker_id)
+        won = 0
+        for run_id in run_ids:
+            record = await self._store.get(run_id)
+            if record is None or record.is_terminal:
+                continue
+            now = self._now()
+            terminal = msgspec.structs.replace(
+                record,
+                status="failed",
+                error=RunError(reason="worker_lost", message=message),
+                updated_at=now,
+                finished_at=now,
+            )
+            if await self._store.finalize(terminal):
+                won += 1
+                self._metrics.orphans_reaped.inc()
+                self._metrics.runs_finished.labels(record.task, "failed").inc()
+                self._metrics.run_failures.labels(record.task, "worker_lost").inc()
+                log.warning("run_reaped", run_id=run_id, task=record.task, lost_worker=worker_id)
+        await self._store.forget(worker_id, run_ids)
+        return won
