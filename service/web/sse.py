@@ -73,8 +73,20 @@ async def event_stream(
                     return
             if len(events) == PAGE_SIZE:
                 continue
+            if not events and await _has_ended(store, run_id):
+                # Resumed after the terminal event: it and the terminal status are
+                # written together, so nothing can follow.
+                return
             if not await _first_of(watch.wait(), draining.wait(), within=keepalive_seconds):
                 yield _KEEPALIVE
+
+
+async def _has_ended(store: RunStore, run_id: str) -> bool:
+    try:
+        record = await store.get(run_id)
+    except StoreUnavailable:
+        return False  # the next read ends the stream with a retry hint
+    return record is None or record.is_terminal
 
 
 async def _first_of(*awaitables: Awaitable[object], within: float) -> bool:
