@@ -33,7 +33,13 @@ RUN_DURATION_BUCKETS: Final = (
 )  # fmt: skip
 HTTP_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+#: The exposition type without its charset: Litestar appends one to every text/* type,
+#: and a parameter given twice is an invalid media type (Prometheus 3 refuses it).
+CONTENT_TYPE: Final = "; ".join(
+    part.strip()
+    for part in CONTENT_TYPE_LATEST.split(";")
+    if not part.strip().startswith("charset")
+)
 
 
 class Metrics:

@@ -53,6 +53,7 @@ async def event_stream(
     keepalive_seconds: float = KEEPALIVE_SECONDS,
 ) -> AsyncIterator[bytes]:
     """Yield the SSE byte chunks for one run (see the module docstring)."""
+    ended = False  # the record was seen terminal after an empty read
     async with store.watch(run_id) as watch:
         yield _OPENED
         while True:
@@ -73,10 +74,17 @@ async def event_stream(
                     return
             if len(events) == PAGE_SIZE:
                 continue
-            if not events and await _has_ended(store, run_id):
-                # Resumed after the terminal event: it and the terminal status are
-                # written together, so nothing can follow.
-                return
+            if not events:
+                if ended:
+                    # Terminal, and nothing after the cursor: the stream was resumed
+                    # after the terminal event. Nothing can follow it.
+                    return
+                if await _has_ended(store, run_id):
+                    # It may have ended just after the read above: read once more,
+                    # so its terminal event is sent (status and event are written
+                    # together, so the next read sees it).
+                    ended = True
+                    continue
             if not await _first_of(watch.wait(), draining.wait(), within=keepalive_seconds):
                 yield _KEEPALIVE
 

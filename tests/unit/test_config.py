@@ -1,0 +1,187 @@
+"""Settings.from_env: defaults, one clear error per bad variable, and the CLI's exit 2."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+#: Standard Webhooks secrets: "whsec_" and a base64 key.
+CALLBACK_SECRET = "whsec_" + base64.b64encode(b"c" * 24).decode()
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"w" * 32).decode()
+
+BAD_VALUES: list[tuple[str, str]] = [
+    ("PORT", "0"),
+    ("PORT", "65536"),
+    ("PORT", "abc"),
+    ("PORT", "80.5"),
+    ("QUIESCE_MAX_ACTIVE_RUNS", "0"),
+    ("QUIESCE_MAX_ACTIVE_RUNS", "-3"),
+    ("QUIESCE_MAX_ACTIVE_RUNS", "many"),
+    ("QUIESCE_SHUTDOWN_GRACE_SECONDS", "-1"),
+    ("QUIESCE_SHUTDOWN_GRACE_SECONDS", "soon"),
+    ("QUIESCE_SHUTDOWN_GRACE_SECONDS", "nan"),
+    ("QUIESCE_SHUTDOWN_GRACE_SECONDS", "inf"),
+    ("QUIESCE_RUN_TIMEOUT_SECONDS", "0"),
+    ("QUIESCE_RUN_TIMEOUT_SECONDS", "-5"),
+    ("QUIESCE_RUN_RETENTION_SECONDS", "10"),
+    ("QUIESCE_RUN_RETENTION_SECONDS", "1.5"),
+    ("QUIESCE_REDIS_URL", "http://x"),
+    ("QUIESCE_REDIS_URL", "localhost:6379"),
+    ("REDIS_URL", "http://x"),
+    ("QUIESCE_API_TOKEN", "short"),
+    ("QUIESCE_CALLBACK_SECRET", "short"),
+    ("QUIESCE_WEBHOOK_SECRET", "short"),
+    ("QUIESCE_WORKER_ID", "bad id"),
+    ("QUIESCE_WORKER_ID", "-leading-dash"),
+    ("QUIESCE_WORKER_ID", "x" * 254),
+    ("QUIESCE_TASK_MODULES", "not a module"),
+    ("QUIESCE_TASK_MODULES", "good.module, 1bad"),
+    ("QUIESCE_HTTP_ALLOWED_HOSTS", "exa mple.com"),
+    ("QUIESCE_HTTP_ALLOWED_HOSTS", "https://example.com"),
+    ("QUIESCE_HTTP_ALLOWED_HOSTS", "example.com:443"),
+    ("QUIESCE_LOG_FORMAT", "xml"),
+    ("QUIESCE_LEASE_TTL_SECONDS", "1"),
+]
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings(
+        port=8000,
+        redis_url=None,
+        shutdown_grace_seconds=25.0,
+        max_active_runs=100,
+        run_timeout_seconds=3600.0,
+        run_retention_seconds=86400,
+        api_token=None,
+        worker_id=socket.gethostname(),
+        task_modules=(),
+        http_allowed_hosts=(),
+        log_format=None,
+        lease_ttl_seconds=15.0,
+        callback_secret=None,
+        webhook_secret=None,
+    )
+
+
+def test_blank_values_count_as_unset() -> None:
+    blank = {name: "  " for name, _ in BAD_VALUES}
+    assert Settings.from_env(blank) == Settings.from_env({})
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env(
+        {
+            "PORT": "9000",
+            "QUIESCE_REDIS_URL": "rediss://cache:6380/2",
+            "QUIESCE_SHUTDOWN_GRACE_SECONDS": "0",
+            "QUIESCE_MAX_ACTIVE_RUNS": "7",
+            "QUIESCE_RUN_TIMEOUT_SECONDS": "1.5",
+            "QUIESCE_RUN_RETENTION_SECONDS": "60",
+            "QUIESCE_API_TOKEN": "t" * 16,
+            "QUIESCE_WORKER_ID": "quiesce-7d9f-abcde",
+            "QUIESCE_TASK_MODULES": " myproject.tasks , other_tasks ",
+            "QUIESCE_HTTP_ALLOWED_HOSTS": "API.example.com, *.internal, 10.0.0.0/8, ::1",
+            "QUIESCE_LOG_FORMAT": "console",
+            "QUIESCE_LEASE_TTL_SECONDS": "3",
+            "QUIESCE_CALLBACK_SECRET": CALLBACK_SECRET,
+            "QUIESCE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        }
+    )
+    assert settings == Settings(
+        port=9000,
+        redis_url="rediss://cache:6380/2",
+        shutdown_grace_seconds=0.0,
+        max_active_runs=7,
+        run_timeout_seconds=1.5,
+        run_retention_seconds=60,
+        api_token="t" * 16,
+        worker_id="quiesce-7d9f-abcde",
+        task_modules=("myproject.tasks", "other_tasks"),
+        http_allowed_hosts=("api.example.com", "*.internal", "10.0.0.0/8", "::1"),
+        log_format="console",
+        lease_ttl_seconds=3.0,
+        callback_secret=CALLBACK_SECRET,
+        webhook_secret=WEBHOOK_SECRET,
+    )
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_a_bad_value_raises_config_error_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name}:"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "name", ["QUIESCE_API_TOKEN", "QUIESCE_CALLBACK_SECRET", "QUIESCE_WEBHOOK_SECRET"]
+)
+def test_secrets_never_appear_in_error_messages(name: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: "hunter2-secret"})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_redis_password_never_appears_in_error_messages() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"QUIESCE_REDIS_URL": "http://user:hunter2-secret@cache:6379/0"})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_redis_url_falls_back_to_redis_url() -> None:
+    assert Settings.from_env({"REDIS_URL": "redis://a:6379/0"}).redis_url == "redis://a:6379/0"
+    both = {"QUIESCE_REDIS_URL": "redis://mine:6379/1", "REDIS_URL": "redis://theirs:6379/0"}
+    assert Settings.from_env(both).redis_url == "redis://mine:6379/1"
+    assert Settings.from_env({"REDIS_URL": "unix:///run/redis.sock"}).redis_url is not None
+    # The fallback is only consulted when the first is unset: a bad REDIS_URL is
+    # irrelevant then.
+    shadowed = {"QUIESCE_REDIS_URL": "redis://mine:6379/1", "REDIS_URL": "http://x"}
+    assert Settings.from_env(shadowed).redis_url == "redis://mine:6379/1"
+
+
+def test_the_first_bad_variable_is_reported() -> None:
+    with pytest.raises(ConfigError, match=r"^PORT:"):
+        Settings.from_env({"PORT": "x", "QUIESCE_LOG_FORMAT": "xml"})
+
+
+def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "value"),
+    [
+        ("serve", "PORT", "abc"),
+        ("serve", "QUIESCE_API_TOKEN", "hunter2"),
+        ("check", "QUIESCE_LOG_FORMAT", "xml"),
+    ],
+)
+def test_the_cli_exits_2_with_one_line_naming_the_variable(
+    command: str, name: str, value: str
+) -> None:
+    result = _run_cli(command, env={name: value})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert name in lines[0]
+    assert value not in lines[0] or name != "QUIESCE_API_TOKEN"
+    assert result.stdout == ""
