@@ -138,8 +138,10 @@ class Scheduler:
         max_active_runs: int,
         default_timeout_seconds: float,
         now: Callable[[], datetime] = utcnow,
+        on_finished: Callable[[RunRecord], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_finished = on_finished
         self._registry = registry
         self._metrics = metrics
         self._http = http
@@ -184,9 +186,11 @@ class Scheduler:
         run_id = new_run_id() if idempotency_key is None else run_id_for_key(idempotency_key)
         active = self._reserve(run_id, task, params, request)
         claimed = False
+        token = secrets.token_hex(8)
         try:
             if idempotency_key is not None:
-                original = await self._store.claim_idempotency(run_id, request_fingerprint(request))
+                fingerprint = request_fingerprint(request)
+                original = await self._store.claim_idempotency(run_id, fingerprint, token)
                 if original is not None:
                     self._release(active)
                     return Admission(record=original, replayed=True)
@@ -199,7 +203,7 @@ class Scheduler:
         except BaseException:
             self._release(active)
             if claimed:
-                self._spawn(self._store.release_idempotency(run_id))
+                self._spawn(self._store.release_idempotency(run_id, token))
             raise
         self._start(active)
         return Admission(record=active.record, replayed=False)
@@ -358,6 +362,9 @@ class Scheduler:
         self._record_finished(active, record)
 
     def _record_finished(self, active: _ActiveRun, record: RunRecord) -> None:
+        """After a won terminal write: metrics, the log line, the completion callback."""
+        if self._on_finished is not None:
+            self._on_finished(record)
         task = active.task.name
         self._metrics.runs_finished.labels(task, record.status).inc()
         if record.status == "failed" and record.error is not None:

@@ -85,17 +85,20 @@ class RunStore(Protocol):
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
         """Deliver cancel requests for runs owned by ``worker_id``. Call before start()."""
 
-    async def claim_idempotency(self, run_id: str, fingerprint: str) -> RunRecord | None:
+    async def claim_idempotency(
+        self, run_id: str, fingerprint: str, token: str
+    ) -> RunRecord | None:
         """Reserve ``run_id`` (derived from an idempotency key) for a create.
 
         Returns None when this caller holds the claim and must create the run (or
         release the claim), or the run's original record when the key was already
         used with the same body. Raises IdempotencyMismatch for a different body and
-        IdempotencyInProgress while another request holds the claim.
+        IdempotencyInProgress while another request holds the claim. ``token`` is
+        unique to the claiming request: claiming again with it (a retry) succeeds.
         """
 
-    async def release_idempotency(self, run_id: str) -> None:
-        """Give up a claim whose create was refused, so the key can be used again."""
+    async def release_idempotency(self, run_id: str, token: str) -> None:
+        """Give up the claim ``token`` holds, so the key can be used again."""
 
     async def create(self, record: RunRecord, started: RunStarted) -> None:
         """Persist a new run with its ``run_started`` event (and settle its claim)."""

@@ -48,6 +48,7 @@ class _Entry:
     record: RunRecord | None = None
     initial: RunRecord | None = None
     fingerprint: str | None = None
+    token: str | None = None
     events: list[Event] = field(default_factory=list)
     keys: list[tuple[int, int]] = field(default_factory=list)
     cancel_requested: bool = False
@@ -77,22 +78,28 @@ class MemoryRunStore:
 
     # --- creation -------------------------------------------------------------
 
-    async def claim_idempotency(self, run_id: str, fingerprint: str) -> RunRecord | None:
+    async def claim_idempotency(
+        self, run_id: str, fingerprint: str, token: str
+    ) -> RunRecord | None:
         entry = self._live(run_id)
         if entry is None:
             self._runs[run_id] = _Entry(
-                expires_at=time.monotonic() + CLAIM_TTL_SECONDS, fingerprint=fingerprint
+                expires_at=time.monotonic() + CLAIM_TTL_SECONDS,
+                fingerprint=fingerprint,
+                token=token,
             )
             return None
         if entry.fingerprint != fingerprint:
             raise IdempotencyMismatch("the idempotency key was used with a different request body")
-        if entry.initial is None:
-            raise IdempotencyInProgress("a request with this idempotency key is being admitted")
-        return entry.initial
+        if entry.initial is not None:
+            return entry.initial
+        if entry.token == token:
+            return None
+        raise IdempotencyInProgress("a request with this idempotency key is being admitted")
 
-    async def release_idempotency(self, run_id: str) -> None:
+    async def release_idempotency(self, run_id: str, token: str) -> None:
         entry = self._runs.get(run_id)
-        if entry is not None and entry.record is None:
+        if entry is not None and entry.record is None and entry.token == token:
             del self._runs[run_id]
 
     async def create(self, record: RunRecord, started: RunStarted) -> None:

@@ -24,14 +24,16 @@ pipeline; notifications travel on Pub/Sub channels (``redis_listener``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
 
 import msgspec
+import structlog
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.errors import (
     IdempotencyInProgress,
@@ -60,12 +62,17 @@ from service.store.base import (
 from service.store.redis_commands import CommandPipeline, LuaScript
 from service.store.redis_listener import NotificationListener
 
+log = structlog.get_logger(__name__)
+
 EVENTS_CHANNEL_PREFIX: Final = "quiesce:events:"
 CANCEL_CHANNEL_PREFIX: Final = "quiesce:cancel:"
 
 #: Pipelines on the wire at once; the pool holds exactly that many connections.
 MAX_IN_FLIGHT: Final = 4
-#: A reply slower than this counts as an outage: the request gets a 503, not a hang.
+#: The most a caller waits for any store operation; past it the store counts as
+#: unavailable (a 503 with Retry-After, never a hang).
+CALL_TIMEOUT_SECONDS: Final = 2.0
+#: Each socket read or write; a connection that blocks this long is dropped.
 SOCKET_TIMEOUT_SECONDS: Final = 2.0
 CONNECT_TIMEOUT_SECONDS: Final = 1.0
 #: Slack added to a running run's key TTL beyond its own timeout.
@@ -75,12 +82,26 @@ _SCRIPTS: Final = {
     name: LuaScript.load(name)
     for name in (
         "claim", "release", "create", "append", "finalize", "cancel",
-        "heartbeat", "expired", "forget",
+        "heartbeat", "expired", "forget", "discard",
     )
 }  # fmt: skip
 WORKERS_KEY: Final = "quiesce:workers"
 #: The most expired workers one reaper pass looks at.
 EXPIRED_BATCH: Final = 100
+
+
+#: After a refused write: how often its undo is tried, and how long close() waits.
+UNDO_ATTEMPTS: Final = 5
+UNDO_FIRST_RETRY_SECONDS: Final = 0.5
+LATE_UNDO_WAIT_SECONDS: Final = 3.0
+
+Undo = Callable[[], Awaitable[None]]
+
+
+def _retrieve_exception(future: asyncio.Future[Any]) -> None:
+    """Mark a late failure as seen: the caller was already answered."""
+    if not future.cancelled():
+        future.exception()
 
 
 def run_key(run_id: str) -> str:
@@ -109,6 +130,7 @@ class RedisRunStore:
         self._retention = retention_seconds
         self._max_events = max_events
         self._on_error = on_error
+        self._late: set[asyncio.Task[None]] = set()
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
         self._redis = Redis.from_pool(
@@ -118,7 +140,12 @@ class RedisRunStore:
                 timeout=SOCKET_TIMEOUT_SECONDS,
                 socket_timeout=SOCKET_TIMEOUT_SECONDS,
                 socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), retries=1),
+                # Retry a dropped connection once; a timeout is already an outage.
+                retry=Retry(
+                    ExponentialWithJitterBackoff(base=0.05, cap=0.25),
+                    retries=1,
+                    supported_errors=(RedisConnectionError,),
+                ),
                 health_check_interval=30,
             )
         )
@@ -145,7 +172,9 @@ class RedisRunStore:
         await self._listener.start()
 
     async def close(self) -> None:
-        await self._commands.drain()
+        if self._late:
+            await asyncio.wait(set(self._late), timeout=LATE_UNDO_WAIT_SECONDS)
+        await self._commands.close()
         await self._listener.close()
         await self._redis.aclose()
 
@@ -157,8 +186,15 @@ class RedisRunStore:
 
     # --- creation -----------------------------------------------------------------
 
-    async def claim_idempotency(self, run_id: str, fingerprint: str) -> RunRecord | None:
-        reply = await self._script("claim", [run_key(run_id)], [fingerprint, CLAIM_TTL_SECONDS])
+    async def claim_idempotency(
+        self, run_id: str, fingerprint: str, token: str
+    ) -> RunRecord | None:
+        reply = await self._script(
+            "claim",
+            [run_key(run_id)],
+            [fingerprint, CLAIM_TTL_SECONDS, token],
+            undo=lambda: self.release_idempotency(run_id, token),
+        )
         outcome = reply[0].decode()
         if outcome == "claimed":
             return None
@@ -168,8 +204,8 @@ class RedisRunStore:
             raise IdempotencyInProgress("a request with this idempotency key is being admitted")
         return record_decoder.decode(reply[1])
 
-    async def release_idempotency(self, run_id: str) -> None:
-        await self._script("release", [run_key(run_id)], [])
+    async def release_idempotency(self, run_id: str, token: str) -> None:
+        await self._script("release", [run_key(run_id)], [token])
 
     async def create(self, record: RunRecord, started: RunStarted) -> None:
         ttl = int(self._retention + record.timeout_seconds) + RUNNING_TTL_MARGIN_SECONDS
@@ -188,7 +224,9 @@ class RedisRunStore:
                 EVENTS_CHANNEL_PREFIX + record.run_id,
             ],
         )
-        await self._call("create", asyncio.gather(listed, created))
+        await self._call(
+            "create", asyncio.gather(listed, created), undo=lambda: self._undo_create(record)
+        )
 
     # --- reads --------------------------------------------------------------------
 
@@ -283,16 +321,56 @@ class RedisRunStore:
 
     # --- internals ----------------------------------------------------------------
 
-    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._call(name, self._commands.script(_SCRIPTS[name], keys, args))
+    async def _script(
+        self, name: str, keys: list[str], args: list[Any], *, undo: Undo | None = None
+    ) -> Any:
+        return await self._call(name, self._commands.script(_SCRIPTS[name], keys, args), undo=undo)
 
-    async def _call(self, operation: str, awaitable: Any) -> Any:
+    async def _call(self, operation: str, awaitable: Any, *, undo: Undo | None = None) -> Any:
+        """Await a store operation for at most CALL_TIMEOUT_SECONDS.
+
+        A caller told StoreUnavailable may still have its command reach Redis: it was
+        sent, or still queued, when the reply was lost or the wait ran out. For the
+        writes where that matters, ``undo`` reverses it once the command has settled
+        (it is a no-op when the write never happened), so what the caller was told
+        — "not created" — holds.
+        """
+        future = asyncio.ensure_future(awaitable)
+        future.add_done_callback(_retrieve_exception)
         try:
-            return await awaitable
-        except StoreUnavailable:
-            if self._on_error is not None:
-                self._on_error(operation)
-            raise
+            return await asyncio.wait_for(asyncio.shield(future), CALL_TIMEOUT_SECONDS)
+        except TimeoutError:
+            error = StoreUnavailable(f"the store did not answer within {CALL_TIMEOUT_SECONDS:g}s")
+        except StoreUnavailable as exc:
+            error = exc
+        if undo is not None:
+            late = asyncio.create_task(self._undo_when_settled(future, undo, operation))
+            self._late.add(late)
+            late.add_done_callback(self._late.discard)
+        if self._on_error is not None:
+            self._on_error(operation)
+        raise error
+
+    async def _undo_when_settled(
+        self, future: asyncio.Future[Any], undo: Undo, operation: str
+    ) -> None:
+        await asyncio.wait([future])
+        for attempt in range(UNDO_ATTEMPTS):
+            try:
+                await undo()
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(UNDO_FIRST_RETRY_SECONDS * 2**attempt)
+        log.error("store_undo_failed", operation=operation)
+
+    async def _undo_create(self, record: RunRecord) -> None:
+        """Remove a create whose caller was refused, should it have landed after all."""
+        run_id = record.run_id
+        keys = [run_key(run_id), events_key(run_id)]
+        if await self._script("discard", keys, [json_encoder.encode(record)]):
+            log.warning("late_create_discarded", run_id=run_id)
+        unlist = self._commands.execute("SREM", worker_runs_key(record.worker_id), run_id)
+        await self._call("discard", unlist)
 
 
 def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> Event:

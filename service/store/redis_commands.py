@@ -53,9 +53,12 @@ class CommandPipeline:
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
         self._scripts: dict[str, LuaScript] = {}
+        self._closed = False
 
     async def execute(self, *args: Any) -> Any:
         """Run one command in the next pipeline and return its reply."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((args, future))
         if len(self._flushers) < self._max_in_flight:
@@ -68,8 +71,9 @@ class CommandPipeline:
         self._scripts[script.sha] = script
         return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    async def drain(self) -> None:
-        """Wait until every queued command has been answered."""
+    async def close(self) -> None:
+        """Refuse new commands, and wait until every queued one has been answered."""
+        self._closed = True
         while self._flushers:
             await asyncio.gather(*self._flushers, return_exceptions=True)
 

@@ -76,6 +76,7 @@ async def scheduler(store: RunStore) -> AsyncIterator[Scheduler]:
         )
         await store.start()
         yield instance
+        await instance.drain(0)  # as the app does: nothing may outlive the store
 
 
 def sleep_request(seconds: float, steps: int = 1, **kwargs: Any) -> CreateRunRequest:

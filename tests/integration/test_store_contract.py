@@ -179,30 +179,37 @@ async def test_terminal_event_carries_the_outcome(store: RunStore) -> None:
 
 async def test_idempotency_claim_pending_mismatch_and_replay(store: RunStore) -> None:
     run_id = new_run_id()
-    assert await store.claim_idempotency(run_id, "fp-1") is None
+    assert await store.claim_idempotency(run_id, "fp-1", "request-a") is None
+    # The same request again (its first reply lost) still holds the claim ...
+    assert await store.claim_idempotency(run_id, "fp-1", "request-a") is None
+    # ... another request with the same key waits for the first one ...
     with pytest.raises(IdempotencyInProgress):
-        await store.claim_idempotency(run_id, "fp-1")
+        await store.claim_idempotency(run_id, "fp-1", "request-b")
+    # ... and one with a different body is refused.
     with pytest.raises(IdempotencyMismatch):
-        await store.claim_idempotency(run_id, "fp-2")
+        await store.claim_idempotency(run_id, "fp-2", "request-c")
     assert await store.get(run_id) is None  # a claim is not a run
 
     record = await created(store, run_id=run_id)
     await store.finalize(terminal(record, "succeeded"))
     # The replay is the original response: the record as it was created.
-    assert await store.claim_idempotency(run_id, "fp-1") == record
+    assert await store.claim_idempotency(run_id, "fp-1", "request-d") == record
     with pytest.raises(IdempotencyMismatch):
-        await store.claim_idempotency(run_id, "fp-2")
+        await store.claim_idempotency(run_id, "fp-2", "request-e")
 
 
-async def test_a_released_claim_can_be_claimed_again_but_a_run_is_never_released(
+async def test_only_the_claiming_request_releases_its_claim_and_a_run_is_never_released(
     store: RunStore,
 ) -> None:
     run_id = new_run_id()
-    assert await store.claim_idempotency(run_id, "fp-1") is None
-    await store.release_idempotency(run_id)
-    assert await store.claim_idempotency(run_id, "fp-other") is None
+    assert await store.claim_idempotency(run_id, "fp-1", "request-a") is None
+    await store.release_idempotency(run_id, "request-other")  # not its claim: kept
+    with pytest.raises(IdempotencyInProgress):
+        await store.claim_idempotency(run_id, "fp-1", "request-b")
+    await store.release_idempotency(run_id, "request-a")
+    assert await store.claim_idempotency(run_id, "fp-other", "request-c") is None
     record = await created(store, run_id=run_id)
-    await store.release_idempotency(run_id)
+    await store.release_idempotency(run_id, "request-c")
     assert await store.get(run_id) == record
 
 
