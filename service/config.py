@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from service.webhooks import decode_secret
+
 LogFormat = Literal["json", "console"]
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
@@ -69,8 +71,8 @@ class Settings:
             http_allowed_hosts=env.hosts("QUIESCE_HTTP_ALLOWED_HOSTS"),
             log_format=env.log_format(),
             lease_ttl_seconds=env.number("QUIESCE_LEASE_TTL_SECONDS", 15.0, minimum=3),
-            callback_secret=env.secret("QUIESCE_CALLBACK_SECRET"),
-            webhook_secret=env.secret("QUIESCE_WEBHOOK_SECRET"),
+            callback_secret=env.signing_secret("QUIESCE_CALLBACK_SECRET"),
+            webhook_secret=env.signing_secret("QUIESCE_WEBHOOK_SECRET"),
         )
 
 
@@ -121,6 +123,16 @@ class _Env:
         value = self.raw(name)
         if value is not None and len(value) < 16:
             raise ConfigError(f"{name}: must be at least 16 characters long")
+        return value
+
+    def signing_secret(self, name: str) -> str | None:
+        """A Standard Webhooks secret: ``whsec_`` and a base64 key of 16 bytes or more."""
+        value = self.raw(name)
+        if value is not None:
+            try:
+                decode_secret(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
         return value
 
     def redis_url(self) -> str | None:

@@ -11,8 +11,9 @@
   So with the variable unset, any public host may be reached and nothing internal
   can be; listing ``10.0.0.0/8`` or ``billing.internal`` opens exactly that.
 
-Names are checked when a run is admitted (a refused target is a 400) and every
-resolved address is checked again just before the request is sent.
+Names are checked when a run is admitted (a refused target is a 400); just before a
+request is sent its host is resolved, every address checked, and the connection made
+to a checked address.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,6 +34,16 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class EgressRefused(ValueError):
     """The target is not allowed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to send a checked request: the URL (its host replaced by the checked
+    address), and the headers and httpx extensions that keep it the same request."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
 
 
 class EgressPolicy:
@@ -61,23 +76,35 @@ class EgressPolicy:
             raise EgressRefused(f"host {host!r} is not in QUIESCE_HTTP_ALLOWED_HOSTS")
         return host
 
-    async def check_resolved(self, url: str) -> None:
-        """Resolve the URL's host and check every address it has. Raises EgressRefused."""
+    async def pin(self, url: str) -> Target:
+        """Resolve the URL's host, check every address it has, and pin the request to
+        one of them. Raises EgressRefused.
+
+        Connecting to the address that was checked (with the original Host header, and
+        the hostname for TLS) closes the gap a DNS answer that changes between the
+        check and the connection (DNS rebinding) would otherwise open.
+        """
         host = self.check_url(url)
         if _as_address(host) is not None:
-            return
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+            return Target(url=url)
+        parsed = httpx.URL(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM
             )
         except OSError as exc:
             raise EgressRefused(f"cannot resolve {host!r}: {exc}") from None
-        for info in infos:
-            address = _as_address(str(info[4][0]))
-            if address is not None:
-                self._check_address(host, address)
+        addresses = [a for info in infos if (a := _as_address(str(info[4][0]))) is not None]
+        if not addresses:
+            raise EgressRefused(f"cannot resolve {host!r}: no address")
+        for address in addresses:
+            self._check_address(host, address)
+        return Target(
+            url=str(parsed.copy_with(host=str(addresses[0]))),
+            headers={"host": parsed.netloc.decode("ascii")},
+            extensions={"sni_hostname": host} if parsed.scheme == "https" else {},
+        )
 
     def _name_listed(self, host: str) -> bool:
         return host in self._names or any(host.endswith(suffix) for suffix in self._suffixes)

@@ -30,7 +30,7 @@ import structlog
 
 from service.errors import StoreUnavailable
 from service.metrics import Metrics
-from service.schemas import RunError, utcnow
+from service.schemas import RunError, RunRecord, utcnow
 from service.store import RunStore
 
 log = structlog.get_logger(__name__)
@@ -45,8 +45,10 @@ class Reaper:
         worker_id: str,
         lease_ttl_seconds: float,
         now: Callable[[], datetime] = utcnow,
+        on_finished: Callable[[RunRecord], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_finished = on_finished
         self._metrics = metrics
         self._worker_id = worker_id
         self._ttl = lease_ttl_seconds
@@ -114,6 +116,8 @@ class Reaper:
             )
             if await self._store.finalize(terminal):
                 won += 1
+                if self._on_finished is not None:
+                    self._on_finished(terminal)
                 self._metrics.orphans_reaped.inc()
                 self._metrics.runs_finished.labels(record.task, "failed").inc()
                 self._metrics.run_failures.labels(record.task, "worker_lost").inc()

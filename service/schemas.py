@@ -7,6 +7,7 @@ call is the expensive part of msgspec (see its performance tips).
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
@@ -202,6 +203,26 @@ json_encoder: Final = msgspec.json.Encoder()
 record_decoder: Final = msgspec.json.Decoder(RunRecord)
 event_decoder: Final = msgspec.json.Decoder(Event)
 request_decoder: Final = msgspec.json.Decoder(CreateRunRequest)
+
+
+_ERROR_PATH_RE: Final = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_NAMED_FIELD_RE: Final = re.compile(r"field `([^`]+)`")
+
+
+def describe_validation_error(
+    exc: msgspec.ValidationError, parent: str = ""
+) -> tuple[str, str | None]:
+    """(message, key) for a 400: the message ends with the JSON path, and the key is
+    the offending field as a dotted path. ``parent`` places it under a field (a task's
+    input is validated on its own, but lives at ``$.input``). msgspec reports a missing
+    or unknown field at its parent object; the key names the field itself."""
+    text = str(exc)
+    match = _ERROR_PATH_RE.search(text)
+    message = text if match is None else text[: match.start()]
+    path = ".".join(part for part in (parent, (match["path"] if match else "").lstrip(".")) if part)
+    named = _NAMED_FIELD_RE.search(message)
+    key = ".".join(part for part in (path, named.group(1) if named else "") if part) or None
+    return f"{message} - at `${'.' + path if path else ''}`", key
 
 
 def request_fingerprint(request: CreateRunRequest) -> str:

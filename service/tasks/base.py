@@ -20,7 +20,6 @@ and name its module in ``QUIESCE_TASK_MODULES`` or in a ``quiesce.tasks`` entry 
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,11 +30,10 @@ import msgspec
 import structlog
 
 from service.errors import InvalidInput, UnknownTask
+from service.schemas import describe_validation_error
 
 ParamsT = TypeVar("ParamsT", bound=msgspec.Struct)
 TaskFn = Callable[["RunContext", ParamsT], Coroutine[Any, Any, Any]]
-
-_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 
 class RunContext:
@@ -87,9 +85,8 @@ class Task(Generic[ParamsT]):
         try:
             params = msgspec.convert(raw, self.input_type)
         except msgspec.ValidationError as exc:
-            message, path = split_error_path(str(exc))
-            key = "input" + path
-            raise InvalidInput(f"{message} - at `$.{key}`", field=key) from None
+            message, key = describe_validation_error(exc, parent="input")
+            raise InvalidInput(message, field=key) from None
         if self.check is not None:
             self.check(params)
         return params
@@ -97,14 +94,6 @@ class Task(Generic[ParamsT]):
     def input_schema(self) -> dict[str, Any]:
         schema: dict[str, Any] = msgspec.json.schema(self.input_type)
         return schema
-
-
-def split_error_path(message: str) -> tuple[str, str]:
-    """``"Expected int - at `$.a.b`"`` → ``("Expected int", ".a.b")``."""
-    match = _PATH_RE.search(message)
-    if match is None:
-        return message, ""
-    return message[: match.start()], match.group("path")
 
 
 def task(

@@ -42,20 +42,22 @@ def http_task(policy: EgressPolicy) -> Task[HttpInput]:
     @task("http", check=check)
     async def http(ctx: RunContext, params: HttpInput) -> dict[str, Any]:
         """Perform one HTTP request; return its status, headers and (truncated) body."""
-        await policy.check_resolved(params.url)
+        target = await policy.pin(params.url)
         content = None if params.text is None else params.text.encode()
+        # The Host header is the target's own: it names what the egress policy checked.
+        headers = {k: v for k, v in params.headers.items() if k.lower() != "host"}
+        headers.update(target.headers)
         if params.json is not UNSET:
             content = msgspec.json.encode(params.json)
-        headers = dict(params.headers)
-        if params.json is not UNSET:
             headers.setdefault("content-type", "application/json")
         async with ctx.http.stream(
             params.method,
-            params.url,
+            target.url,
             headers=headers,
             content=content,
             timeout=params.timeout_seconds,
             follow_redirects=False,
+            extensions=target.extensions,
         ) as response:
             body = bytearray()
             truncated = False

@@ -22,10 +22,11 @@ from service.tasks.sleep import sleep
 ENTRY_POINT_GROUP = "quiesce.tasks"
 
 
-def build_registry(settings: Settings) -> TaskRegistry:
+def build_registry(settings: Settings, egress: EgressPolicy | None = None) -> TaskRegistry:
     registry = TaskRegistry()
     registry.add(sleep, origin="built-in")
-    registry.add(http_task(EgressPolicy(settings.http_allowed_hosts)), origin="built-in")
+    policy = egress or EgressPolicy(settings.http_allowed_hosts)
+    registry.add(http_task(policy), origin="built-in")
     for module_name in settings.task_modules:
         origin = f"QUIESCE_TASK_MODULES ({module_name})"
         try:

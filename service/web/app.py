@@ -10,6 +10,7 @@ then closes the store — every write has completed by then.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,9 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from service import __version__, granian_bridge
+from service.callbacks import CallbackSender
 from service.config import Settings
+from service.egress import EgressPolicy
 from service.errors import QuiesceError
 from service.lifecycle import Lifecycle
 from service.logging import configure_logging
@@ -38,6 +41,7 @@ from service.web.http_metrics import count_unmatched, http_metrics_middleware
 from service.web.probes import healthz, metrics, readyz
 from service.web.runs import RunsController
 from service.web.state import Services, provide_services
+from service.webhooks import WebhookKey
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +50,10 @@ MAX_REQUEST_BODY_BYTES: Final = 1024 * 1024
 #: Defaults of the shared client that tasks use; a task may pass its own timeout.
 HTTP_CLIENT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
 HTTP_CLIENT_LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+#: Pending callbacks may use the drain's time up to this long after the grace (the
+#: process must be gone 2 s after it), and at least the minimum.
+CALLBACK_BUDGET_AFTER_GRACE_SECONDS: Final = 1.5
+MIN_CALLBACK_BUDGET_SECONDS: Final = 0.25
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -53,7 +61,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     if settings is None:
         settings = Settings.from_env(os.environ)
     configure_logging(settings.log_format)
-    registry = build_registry(settings)
+    egress = EgressPolicy(settings.http_allowed_hosts)
+    registry = build_registry(settings, egress)
+    webhook_key = WebhookKey.optional(settings.webhook_secret)
+    callback_key = WebhookKey.optional(settings.callback_secret)
     app_metrics = Metrics(
         max_active_runs=settings.max_active_runs, task_names=[t.name for t in registry]
     )
@@ -66,6 +77,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         async with httpx.AsyncClient(
             timeout=HTTP_CLIENT_TIMEOUT, limits=HTTP_CLIENT_LIMITS, follow_redirects=False
         ) as http:
+            callbacks = CallbackSender(
+                http=http, policy=egress, key=callback_key, metrics=app_metrics
+            )
             scheduler = Scheduler(
                 store=store,
                 registry=registry,
@@ -74,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 worker_id=settings.worker_id,
                 max_active_runs=settings.max_active_runs,
                 default_timeout_seconds=settings.run_timeout_seconds,
+                on_finished=callbacks.send,
             )
             lifecycle = Lifecycle(scheduler, grace_seconds=settings.shutdown_grace_seconds)
             await store.start()
@@ -82,6 +97,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 metrics=app_metrics,
                 worker_id=settings.worker_id,
                 lease_ttl_seconds=settings.lease_ttl_seconds,
+                on_finished=callbacks.send,
             )
             await reaper.start()
             app.state.services = Services(
@@ -92,6 +108,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 http=http,
                 scheduler=scheduler,
                 lifecycle=lifecycle,
+                callbacks=callbacks,
+                webhook_key=webhook_key,
             )
             granian_bridge.install(lifecycle)
             _log_startup(settings, [t.name for t in registry])
@@ -104,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 if lifecycle.trigger is None:
                     lifecycle.begin_drain("server_shutdown")
                 await lifecycle.wait_stopped()
+                await callbacks.close(within=_callback_budget(lifecycle))
                 # Every run finalized: give the lease up; else let it expire, and a
                 # peer reaps what this process could not write.
                 await reaper.stop(retire=not scheduler.active_runs())
@@ -128,6 +147,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             path="/schema",
         ),
     )
+
+
+def _callback_budget(lifecycle: Lifecycle) -> float:
+    """What is left, after a drain, for pending callbacks: up to the drain's deadline."""
+    loop = asyncio.get_running_loop()
+    started = lifecycle.drain_started or loop.time()
+    deadline = started + lifecycle.grace_seconds + CALLBACK_BUDGET_AFTER_GRACE_SECONDS
+    return max(deadline - loop.time(), MIN_CALLBACK_BUDGET_SECONDS)
 
 
 def _log_startup(settings: Settings, tasks: list[str]) -> None:

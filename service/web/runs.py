@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -29,20 +30,21 @@ from service.schemas import (
     RunRecord,
     TaskInfo,
     TaskList,
+    describe_validation_error,
     request_decoder,
 )
 from service.store import CancelOutcome
 from service.store.base import parse_cursor
-from service.tasks.base import split_error_path
 from service.web.auth import COUNTS_REJECTIONS, require_auth
 from service.web.errors import error_response, invalid_request
 from service.web.sse import event_stream
 from service.web.state import Services, services_of
+from service.webhooks import InvalidSignature
 
 RUN_ID_RE: Final = re.compile(r"^run_[a-z2-7]{26}$")
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
 _CREATE_REQUEST: Final = "create_request"
-_IDEMPOTENCY_KEY: Final = "idempotency_key"
+_WEBHOOK_KEY: Final = "webhook_idempotency_key"
 
 #: Which rejection reason each refused create counts under.
 _REJECTION_REASONS: Final[tuple[tuple[type[QuiesceError], str], ...]] = (
@@ -66,34 +68,37 @@ IdempotencyKey = Annotated[
 
 
 async def _decode_create(request: Request[Any, Any, Any]) -> Response[Any] | None:
-    """before_request of the create route: strict decoding with clear 4xx answers.
+    """before_request of the create route: every check of the request before admission.
 
     Litestar's own body parsing coerces types (``"600"`` becomes ``600.0``) and
-    accepts any content type; a webhook should say exactly what is wrong instead.
+    accepts any content type; a webhook should say exactly what is wrong instead. So
+    the body is read here (413 when too large), its signature verified when signed
+    webhooks are required (401), then its type and headers checked (415, 400) and it
+    is decoded strictly (400 naming the field).
     """
-    metrics = services_of(request.app).metrics
-    refusal = _check_create(request.headers.get("content-type"), request.headers)
-    if refusal is None:
+    services = services_of(request.app)
+    metrics = services.metrics
+    try:
+        body = await request.body()
+    except HTTPException:  # 413: the body is over request_max_body_size
+        metrics.runs_rejected.labels("invalid").inc()
+        raise
+    if services.webhook_key is not None:
         try:
-            body = await request.body()
-        except HTTPException as exc:  # 413: the body is over request_max_body_size
-            metrics.runs_rejected.labels("invalid").inc()
-            raise exc from None
-        try:
-            request.state[_CREATE_REQUEST] = request_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            message, path = split_error_path(str(exc))
-            key = path.lstrip(".") or _field_named_in(message)
-            refusal = invalid_request(f"{message} - at `${path}`", key)
-        except msgspec.DecodeError as exc:
-            refusal = invalid_request(str(exc), None)
+            message_id = services.webhook_key.verify(request.headers, body, now=time.time())
+        except InvalidSignature as exc:
+            metrics.runs_rejected.labels("unauthorized").inc()
+            return error_response(401, f"invalid webhook signature: {exc}")
+        # A sender retries a message with the same webhook-id: make that a replay.
+        request.state[_WEBHOOK_KEY] = f"webhook:{message_id}"
+    refusal = _check_headers(request.headers) or _decode_body(request, body, services)
     if refusal is not None:
         metrics.runs_rejected.labels("invalid").inc()
     return refusal
 
 
-def _check_create(content_type: str | None, headers: Any) -> Response[Any] | None:
-    media_type = (content_type or "").split(";")[0].strip().lower()
+def _check_headers(headers: Any) -> Response[Any] | None:
+    media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         return error_response(415, "the body must be JSON (Content-Type: application/json)")
     key = headers.get("idempotency-key")
@@ -106,10 +111,22 @@ def _check_create(content_type: str | None, headers: Any) -> Response[Any] | Non
     return None
 
 
-def _field_named_in(message: str) -> str | None:
-    """``Object contains unknown field `x``` → ``x`` (msgspec names it in the text)."""
-    match = re.search(r"field `([^`]+)`", message)
-    return match.group(1) if match else None
+def _decode_body(
+    request: Request[Any, Any, Any], body: bytes, services: Services
+) -> Response[Any] | None:
+    try:
+        create = request_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        return invalid_request(*describe_validation_error(exc))
+    except msgspec.DecodeError as exc:
+        return invalid_request(str(exc), None)
+    if create.callback_url is not None:
+        try:
+            services.callbacks.check(create.callback_url)
+        except InvalidInput as exc:
+            return invalid_request(exc.message, "callback_url")
+    request.state[_CREATE_REQUEST] = create
+    return None
 
 
 def _check_run_id(run_id: str) -> None:
@@ -146,8 +163,9 @@ class RunsController(Controller):
     ) -> Response[RunRecord]:
         # ``data`` documents the body; the strictly decoded one is what counts.
         create: CreateRunRequest = request.state[_CREATE_REQUEST]
+        key = idempotency_key or request.state.get(_WEBHOOK_KEY)
         try:
-            admission = await services.scheduler.create(create, idempotency_key=idempotency_key)
+            admission = await services.scheduler.create(create, idempotency_key=key)
         except QuiesceError as exc:
             for kind, reason in _REJECTION_REASONS:
                 if isinstance(exc, kind):

@@ -8,12 +8,14 @@ import httpx
 from litestar import Litestar
 from litestar.datastructures import State
 
+from service.callbacks import CallbackSender
 from service.config import Settings
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.store import RunStore
 from service.tasks import TaskRegistry
+from service.webhooks import WebhookKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,9 @@ class Services:
     http: httpx.AsyncClient
     scheduler: Scheduler
     lifecycle: Lifecycle
+    callbacks: CallbackSender
+    #: Verifies signed webhooks on create, when QUIESCE_WEBHOOK_SECRET is set.
+    webhook_key: WebhookKey | None
 
 
 def services_of(app: Litestar) -> Services:

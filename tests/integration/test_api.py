@@ -150,13 +150,16 @@ async def test_unknown_top_level_field_is_400_naming_it(memory_client: Client) -
     assert response.json()["extra"][0]["key"] == "priority"
 
 
-BAD_SLEEP_INPUTS: list[tuple[dict[str, Any], str]] = [
-    ({"seconds": "1"}, "input.seconds"),
-    ({"seconds": -1}, "input.seconds"),
-    ({"seconds": 86401}, "input.seconds"),
-    ({"seconds": 1, "steps": 0}, "input.steps"),
-    ({"seconds": 1, "steps": 1.5}, "input.steps"),
-    ({}, "input"),
+#: (input, JSON path in the message, the offending field): a missing or unknown field
+#: is reported at its parent object, and named as the field itself.
+BAD_SLEEP_INPUTS: list[tuple[dict[str, Any], str, str]] = [
+    ({"seconds": "1"}, "input.seconds", "input.seconds"),
+    ({"seconds": -1}, "input.seconds", "input.seconds"),
+    ({"seconds": 86401}, "input.seconds", "input.seconds"),
+    ({"seconds": 1, "steps": 0}, "input.steps", "input.steps"),
+    ({"seconds": 1, "steps": 1.5}, "input.steps", "input.steps"),
+    ({}, "input", "input.seconds"),
+    ({"seconds": 1, "extra": 1}, "input", "input.extra"),
 ]
 
 
@@ -164,12 +167,12 @@ async def test_bad_task_input_is_400_with_the_field_path_and_no_run(
     memory_client: Client,
 ) -> None:
     client = memory_client
-    for task_input, path in BAD_SLEEP_INPUTS:
+    for task_input, path, field in BAD_SLEEP_INPUTS:
         response = await client.post("/v1/runs", json={"task": "sleep", "input": task_input})
         assert response.status_code == 400, (task_input, response.text)
         error = response.json()
         assert f"`$.{path}`" in error["detail"], task_input
-        assert error["extra"][0]["key"] == path, task_input
+        assert error["extra"][0]["key"] == field, task_input
     text = await metrics_text(client)
     assert metric(text, "quiesce_runs_started_total", task="sleep") == 0
     assert metric(text, "quiesce_active_runs") == 0
@@ -395,7 +398,9 @@ async def test_a_key_still_being_admitted_is_409(client: Client) -> None:
     fingerprint = request_fingerprint(request_decoder.decode(json.dumps(body)))
     store = services(client).store
     # Another request holds the claim: it is between claim and create.
-    claimed = client.blocking_portal.call(store.claim_idempotency, run_id, fingerprint)
+    claimed = client.blocking_portal.call(
+        store.claim_idempotency, run_id, fingerprint, "another-request"
+    )
     assert claimed is None
 
     response = await client.post("/v1/runs", json=body, headers={"Idempotency-Key": key})

@@ -9,7 +9,7 @@ import pytest
 
 from service.metrics import Metrics
 from service.reaper import Reaper
-from service.schemas import event_type
+from service.schemas import RunRecord, event_type
 from service.store.redis import WORKERS_KEY, RedisRunStore, worker_runs_key
 from tests.conftest import RedisServer
 from tests.integration.test_store_contract import created, terminal
@@ -68,7 +68,17 @@ async def test_the_runs_of_a_lost_worker_fail_as_worker_lost(
     await asyncio.sleep(0.1)
 
     metrics = Metrics(max_active_runs=1, task_names=["sleep"])
-    assert await reaper(store, "reaper", metrics).reap_expired() == 3
+    called_back: list[RunRecord] = []  # what goes to completion callbacks
+    reaping = Reaper(
+        store=store,
+        metrics=metrics,
+        worker_id="reaper",
+        lease_ttl_seconds=3,
+        on_finished=called_back.append,
+    )
+    assert await reaping.reap_expired() == 3
+    assert sorted(r.run_id for r in called_back) == sorted(r.run_id for r in lost)
+    assert {r.error.reason for r in called_back if r.error} == {"worker_lost"}
 
     for run in lost:
         record = await store.get(run.run_id)

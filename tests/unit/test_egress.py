@@ -101,20 +101,29 @@ def test_a_listed_hostname_may_be_internal() -> None:
     assert not refused(policy, "http://api.ns.svc.cluster.local/")
 
 
-async def test_check_resolved_refuses_a_name_that_resolves_to_loopback() -> None:
+async def test_pin_refuses_a_name_that_resolves_to_loopback() -> None:
     with pytest.raises(EgressRefused, match="non-public address"):
-        await OPEN.check_resolved("http://localhost:8000/")
+        await OPEN.pin("http://localhost:8000/")
     # Numeric forms that only the resolver turns into 127.0.0.1.
     with pytest.raises(EgressRefused):
-        await OPEN.check_resolved("http://2130706433/")
+        await OPEN.pin("http://2130706433/")
 
 
-async def test_check_resolved_allows_a_listed_name_or_network() -> None:
-    await EgressPolicy(["localhost"]).check_resolved("http://localhost:8000/")
-    await EgressPolicy(["127.0.0.0/8"]).check_resolved("http://127.0.0.1:8000/")
+async def test_pin_allows_a_listed_name_or_network() -> None:
+    await EgressPolicy(["localhost"]).pin("http://localhost:8000/")
+    await EgressPolicy(["127.0.0.0/8"]).pin("http://127.0.0.1:8000/")
 
 
-async def test_check_resolved_checks_the_name_first() -> None:
+async def test_pin_connects_to_the_checked_address_under_the_original_name() -> None:
+    target = await EgressPolicy(["localhost"]).pin("https://localhost:8443/a?b=1")
+    assert target.url in ("https://127.0.0.1:8443/a?b=1", "https://[::1]:8443/a?b=1")
+    assert target.headers == {"host": "localhost:8443"}
+    assert target.extensions == {"sni_hostname": "localhost"}  # TLS still checks the name
+    literal = await EgressPolicy(["127.0.0.1"]).pin("http://127.0.0.1/")
+    assert (literal.url, literal.headers, literal.extensions) == ("http://127.0.0.1/", {}, {})
+
+
+async def test_pin_checks_the_name_first() -> None:
     policy = EgressPolicy(["api.example.com"])
     with pytest.raises(EgressRefused, match="QUIESCE_HTTP_ALLOWED_HOSTS"):
-        await policy.check_resolved("http://localhost/")
+        await policy.pin("http://localhost/")
