@@ -38,7 +38,13 @@ import httpx
 import msgspec
 import structlog
 
-from service.errors import AtCapacity, Draining, StoreUnavailable
+from service.errors import (
+    AtCapacity,
+    Draining,
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    StoreUnavailable,
+)
 from service.metrics import Metrics
 from service.schemas import (
     CreateRunRequest,
@@ -110,6 +116,8 @@ class _ActiveRun:
     supervisor: asyncio.Task[None] | None = None
     #: The terminal record once decided, before it is written.
     outcome: RunRecord | None = None
+    #: Of the create request, when it came with an idempotency key.
+    fingerprint: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -183,13 +191,19 @@ class Scheduler:
         """Admit, persist and start a run (see the module docstring for the order)."""
         task = self._registry.get(request.task)
         params = task.parse_input(request.input)
-        run_id = new_run_id() if idempotency_key is None else run_id_for_key(idempotency_key)
+        fingerprint = None if idempotency_key is None else request_fingerprint(request)
+        if idempotency_key is None:
+            run_id = new_run_id()
+        else:
+            run_id = run_id_for_key(idempotency_key)
+            if (local := self._runs.get(run_id)) is not None:
+                return self._replay_local(local, fingerprint)
         active = self._reserve(run_id, task, params, request)
+        active.fingerprint = fingerprint
         claimed = False
         token = secrets.token_hex(8)
         try:
-            if idempotency_key is not None:
-                fingerprint = request_fingerprint(request)
+            if fingerprint is not None:
                 original = await self._store.claim_idempotency(run_id, fingerprint, token)
                 if original is not None:
                     self._release(active)
@@ -207,6 +221,15 @@ class Scheduler:
             raise
         self._start(active)
         return Admission(record=active.record, replayed=False)
+
+    @staticmethod
+    def _replay_local(local: _ActiveRun, fingerprint: str | None) -> Admission:
+        """The same key again while its run is held here: one entry per run id."""
+        if local.fingerprint != fingerprint:
+            raise IdempotencyMismatch("the idempotency key was used with a different request body")
+        if local.supervisor is None:
+            raise IdempotencyInProgress("a request with this idempotency key is being admitted")
+        return Admission(record=local.record, replayed=True)
 
     def _reserve(
         self, run_id: str, task: Task[Any], params: msgspec.Struct, request: CreateRunRequest

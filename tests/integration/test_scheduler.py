@@ -11,7 +11,14 @@ import httpx
 import msgspec
 import pytest
 
-from service.errors import AtCapacity, Draining, IdempotencyMismatch, InvalidInput, UnknownTask
+from service.errors import (
+    AtCapacity,
+    Draining,
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    InvalidInput,
+    UnknownTask,
+)
 from service.metrics import Metrics
 from service.scheduler import DRAIN_FINALIZE_BUDGET_SECONDS, Scheduler
 from service.schemas import CreateRunRequest, RunRecord, event_type
@@ -220,6 +227,29 @@ async def test_idempotent_create_replays_and_rejects_a_different_body(
     with pytest.raises(IdempotencyMismatch):
         await scheduler.create(sleep_request(0.02), idempotency_key="order-42")
     assert sample(scheduler._metrics.runs_started, "sleep") == 1
+
+
+async def test_concurrent_creates_with_one_key_hold_one_run(
+    scheduler: Scheduler, store: RunStore
+) -> None:
+    admissions = await asyncio.gather(
+        *(scheduler.create(sleep_request(30), idempotency_key="k") for _ in range(3)),
+        return_exceptions=True,
+    )
+    records = [a.record for a in admissions if not isinstance(a, BaseException)]
+    assert records, admissions
+    run_id = records[0].run_id
+    assert {r.run_id for r in records} == {run_id}
+    assert all(isinstance(a, IdempotencyInProgress) for a in admissions if isinstance(a, Exception))
+    # One entry, still cancellable, counted once — and a repeat now replays it.
+    assert [record.run_id for record, _ in scheduler.active_runs()] == [run_id]
+    again = await scheduler.create(sleep_request(30), idempotency_key="k")
+    assert again.replayed is True
+    with pytest.raises(IdempotencyMismatch):
+        await scheduler.create(sleep_request(31), idempotency_key="k")
+    await scheduler.cancel(run_id)
+    assert (await wait_terminal(store, run_id)).status == "cancelled"
+    await settled(scheduler)
 
 
 async def test_draining_refuses_new_runs_at_once(scheduler: Scheduler) -> None:
