@@ -15,6 +15,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Final
 
+import msgspec
 import structlog
 
 from service.config import LogFormat
@@ -32,15 +33,13 @@ def _mask_sensitive(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
 
 
 def configure_logging(log_format: LogFormat | None, *, level: int = logging.INFO) -> None:
-    """Route structlog and stdlib logging through one renderer on stderr."""
+    """Our events through structlog's own (fast) loggers, and the standard library's
+    records through a formatter with the same processors, both to stderr."""
+    fmt = _resolve(log_format)
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *_shared_processors(_resolve(log_format)),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*_shared_processors(fmt), _renderer(fmt)],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=_NamedWriter.factory,
         # Not cached, so structlog.testing.capture_logs sees every logger in tests.
         cache_logger_on_first_use=False,
     )
@@ -56,12 +55,9 @@ def configure_logging(log_format: LogFormat | None, *, level: int = logging.INFO
 def stdlib_formatter(log_format: LogFormat | None) -> logging.Formatter:
     """A formatter that renders standard-library records like our own events."""
     fmt = _resolve(log_format)
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
-    )
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(fmt),
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _renderer(fmt)],
     )
 
 
@@ -75,15 +71,43 @@ def granian_formatter() -> logging.Formatter:
     return stdlib_formatter("console" if value == "console" else "json" if value else None)
 
 
+class _NamedWriter(structlog.WriteLogger):
+    """structlog's plain stderr writer, carrying the name ``get_logger(__name__)`` gave
+    it, so ``add_logger_name`` works as for standard-library loggers."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(sys.stderr)
+        self.name = name
+
+    @classmethod
+    def factory(cls, *args: Any) -> _NamedWriter:
+        return cls(str(args[0]) if args else "")
+
+
 def _resolve(log_format: LogFormat | None) -> LogFormat:
     return log_format or ("console" if sys.stderr.isatty() else "json")
+
+
+def _renderer(fmt: LogFormat) -> Any:
+    if fmt == "json":
+        return structlog.processors.JSONRenderer(serializer=_json_dumps)
+    return structlog.dev.ConsoleRenderer()
+
+
+def _json_dumps(event: Any, **_: Any) -> str:
+    return _json.encode(event).decode()
+
+
+#: msgspec renders a line several times faster than the json module; anything it
+#: does not know is logged as its str().
+_json: Final = msgspec.json.Encoder(enc_hook=str)
 
 
 def _shared_processors(fmt: LogFormat) -> list[Any]:
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _mask_sensitive,
     ]

@@ -10,6 +10,7 @@ under asyncio.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Collection
@@ -62,6 +63,7 @@ class MemoryRunStore:
         self._retention = retention_seconds
         self._max_events = max_events
         self._runs: dict[str, _Entry] = {}
+        self._expiry: list[tuple[float, str]] = []  # a heap of (expires_at, run_id)
         self._listeners: dict[str, CancelListener] = {}
 
     async def start(self) -> None:
@@ -83,11 +85,10 @@ class MemoryRunStore:
     ) -> RunRecord | None:
         entry = self._live(run_id)
         if entry is None:
-            self._runs[run_id] = _Entry(
-                expires_at=time.monotonic() + CLAIM_TTL_SECONDS,
-                fingerprint=fingerprint,
-                token=token,
+            entry = self._runs[run_id] = _Entry(
+                expires_at=0.0, fingerprint=fingerprint, token=token
             )
+            self._expire_in(run_id, entry, CLAIM_TTL_SECONDS)
             return None
         if entry.fingerprint != fingerprint:
             raise IdempotencyMismatch("the idempotency key was used with a different request body")
@@ -107,7 +108,8 @@ class MemoryRunStore:
         entry = self._runs.get(record.run_id)
         if entry is None:
             entry = self._runs[record.run_id] = _Entry(expires_at=0.0)
-        entry.expires_at = time.monotonic() + self._retention
+        # As in Redis: a running run outlives the retention by its own timeout.
+        self._expire_in(record.run_id, entry, self._retention + record.timeout_seconds)
         entry.record = entry.initial = record
         self._add_event(entry, started)
 
@@ -151,6 +153,7 @@ class MemoryRunStore:
         if entry.record.is_terminal:
             return entry.record == record  # the same write again wins again, as in Redis
         entry.record = record
+        self._expire_in(record.run_id, entry, self._retention)
         self._add_event(entry, terminal_event_for(record))
         return True
 
@@ -224,10 +227,16 @@ class MemoryRunStore:
             watch.notify()
         return cursor
 
+    def _expire_in(self, run_id: str, entry: _Entry, seconds: float) -> None:
+        entry.expires_at = time.monotonic() + seconds
+        heapq.heappush(self._expiry, (entry.expires_at, run_id))
+
     def _expire(self) -> None:
-        """Drop expired runs; dicts keep insertion order, so the oldest come first."""
+        """Drop runs whose time has come, soonest first; a heap entry made stale by a
+        later ``_expire_in`` of the same run is skipped."""
         now = time.monotonic()
-        for run_id, entry in list(self._runs.items()):
-            if entry.expires_at > now:
-                break
-            del self._runs[run_id]
+        while self._expiry and self._expiry[0][0] <= now:
+            _, run_id = heapq.heappop(self._expiry)
+            entry = self._runs.get(run_id)
+            if entry is not None and entry.expires_at <= now:
+                del self._runs[run_id]

@@ -24,8 +24,9 @@ pipeline; notifications travel on Pub/Sub channels (``redis_listener``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import Any, Final
 
 import msgspec
@@ -59,7 +60,7 @@ from service.store.base import (
     EventWatch,
     parse_cursor,
 )
-from service.store.redis_commands import CommandPipeline, LuaScript
+from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
 from service.store.redis_listener import NotificationListener
 
 log = structlog.get_logger(__name__)
@@ -90,18 +91,9 @@ WORKERS_KEY: Final = "quiesce:workers"
 EXPIRED_BATCH: Final = 100
 
 
-#: After a refused write: how often its undo is tried, and how long close() waits.
+#: After a refused write: how often its undo is tried.
 UNDO_ATTEMPTS: Final = 5
 UNDO_FIRST_RETRY_SECONDS: Final = 0.5
-LATE_UNDO_WAIT_SECONDS: Final = 3.0
-
-Undo = Callable[[], Awaitable[None]]
-
-
-def _retrieve_exception(future: asyncio.Future[Any]) -> None:
-    """Mark a late failure as seen: the caller was already answered."""
-    if not future.cancelled():
-        future.exception()
 
 
 def run_key(run_id: str) -> str:
@@ -130,7 +122,6 @@ class RedisRunStore:
         self._retention = retention_seconds
         self._max_events = max_events
         self._on_error = on_error
-        self._late: set[asyncio.Task[None]] = set()
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
         self._redis = Redis.from_pool(
@@ -149,7 +140,12 @@ class RedisRunStore:
                 health_check_interval=30,
             )
         )
-        self._commands = CommandPipeline(self._redis, max_in_flight=MAX_IN_FLIGHT)
+        self._commands = CommandPipeline(
+            self._redis,
+            scripts=_SCRIPTS.values(),
+            timeout=CALL_TIMEOUT_SECONDS,
+            max_in_flight=MAX_IN_FLIGHT,
+        )
         # Pub/Sub: its own connection, no hidden retries, so the listener sees every
         # disconnect and can resync after it.
         self._listener = NotificationListener(
@@ -172,14 +168,12 @@ class RedisRunStore:
         await self._listener.start()
 
     async def close(self) -> None:
-        if self._late:
-            await asyncio.wait(set(self._late), timeout=LATE_UNDO_WAIT_SECONDS)
         await self._commands.close()
         await self._listener.close()
         await self._redis.aclose()
 
     async def ping(self) -> None:
-        await self._call("ping", self._commands.execute("PING"))
+        await self._call("ping", [("PING",)])
 
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
         self._listener.listen_for_cancels(worker_id, listener)
@@ -189,11 +183,10 @@ class RedisRunStore:
     async def claim_idempotency(
         self, run_id: str, fingerprint: str, token: str
     ) -> RunRecord | None:
-        reply = await self._script(
+        (reply,) = await self._call(
             "claim",
-            [run_key(run_id)],
-            [fingerprint, CLAIM_TTL_SECONDS, token],
-            undo=lambda: self.release_idempotency(run_id, token),
+            [_script("claim", [run_key(run_id)], [fingerprint, CLAIM_TTL_SECONDS, token])],
+            undo=partial(self._undo, "claim", partial(self.release_idempotency, run_id, token)),
         )
         outcome = reply[0].decode()
         if outcome == "claimed":
@@ -205,43 +198,44 @@ class RedisRunStore:
         return record_decoder.decode(reply[1])
 
     async def release_idempotency(self, run_id: str, token: str) -> None:
-        await self._script("release", [run_key(run_id)], [token])
+        await self._call("release", [_script("release", [run_key(run_id)], [token])])
 
     async def create(self, record: RunRecord, started: RunStarted) -> None:
+        run_id = record.run_id
         ttl = int(self._retention + record.timeout_seconds) + RUNNING_TTL_MARGIN_SECONDS
+        args = [
+            json_encoder.encode(record),
+            record.worker_id,
+            json_encoder.encode(started),
+            ttl,
+            self._max_events,
+            EVENTS_CHANNEL_PREFIX + run_id,
+        ]
         # Listed under its worker first, so a running run can always be found by the
-        # reaper: both go in the same queue, in this order, normally in one pipeline.
-        listed = self._commands.execute("SADD", worker_runs_key(record.worker_id), record.run_id)
-        created = self._commands.script(
-            _SCRIPTS["create"],
-            [run_key(record.run_id), events_key(record.run_id)],
-            [
-                json_encoder.encode(record),
-                record.worker_id,
-                json_encoder.encode(started),
-                ttl,
-                self._max_events,
-                EVENTS_CHANNEL_PREFIX + record.run_id,
-            ],
-        )
+        # reaper; both in one pipeline, in this order.
         await self._call(
-            "create", asyncio.gather(listed, created), undo=lambda: self._undo_create(record)
+            "create",
+            [
+                ("SADD", worker_runs_key(record.worker_id), run_id),
+                _script("create", [run_key(run_id), events_key(run_id)], args),
+            ],
+            undo=partial(self._undo, "create", partial(self._discard, record)),
         )
 
     # --- reads --------------------------------------------------------------------
 
     async def get(self, run_id: str) -> RunRecord | None:
-        raw = await self._call("get", self._commands.execute("HGET", run_key(run_id), "record"))
+        (raw,) = await self._call("get", [("HGET", run_key(run_id), "record")])
         return None if raw is None else record_decoder.decode(raw)
 
     async def events(self, run_id: str, *, after: str | None, limit: int) -> list[Event] | None:
         start = "-" if after is None else f"({'-'.join(map(str, parse_cursor(after)))}"
         exists, entries = await self._call(
             "events",
-            asyncio.gather(
-                self._commands.execute("HEXISTS", run_key(run_id), "record"),
-                self._commands.execute("XRANGE", events_key(run_id), start, "+", "COUNT", limit),
-            ),
+            [
+                ("HEXISTS", run_key(run_id), "record"),
+                ("XRANGE", events_key(run_id), start, "+", "COUNT", limit),
+            ],
         )
         if not exists:
             return None
@@ -252,43 +246,41 @@ class RedisRunStore:
 
     async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
         ids = list(run_ids)
-        flags = await self._call(
-            "cancel_requested",
-            asyncio.gather(*(self._commands.execute("HGET", run_key(i), "cancel") for i in ids)),
-        )
+        if not ids:
+            return set()
+        flags = await self._call("cancel_requested", [("HGET", run_key(i), "cancel") for i in ids])
         return {run_id for run_id, flag in zip(ids, flags, strict=True) if flag}
 
     # --- writes -------------------------------------------------------------------
 
     async def append(self, run_id: str, event: RunProgress) -> str | None:
-        reply = await self._script(
-            "append",
-            [run_key(run_id), events_key(run_id)],
-            [json_encoder.encode(event), self._max_events, EVENTS_CHANNEL_PREFIX + run_id],
+        args = [json_encoder.encode(event), self._max_events, EVENTS_CHANNEL_PREFIX + run_id]
+        (reply,) = await self._call(
+            "append", [_script("append", [run_key(run_id), events_key(run_id)], args)]
         )
         return None if reply is None else reply.decode()
 
     async def finalize(self, record: RunRecord) -> bool:
-        reply = await self._script(
-            "finalize",
-            [run_key(record.run_id), events_key(record.run_id)],
-            [
-                json_encoder.encode(record),
-                record.status,
-                json_encoder.encode(terminal_event_for(record)),
-                self._retention,
-                self._max_events,
-                EVENTS_CHANNEL_PREFIX + record.run_id,
-            ],
+        run_id = record.run_id
+        args = [
+            json_encoder.encode(record),
+            record.status,
+            json_encoder.encode(terminal_event_for(record)),
+            self._retention,
+            self._max_events,
+            EVENTS_CHANNEL_PREFIX + run_id,
+        ]
+        (won,) = await self._call(
+            "finalize", [_script("finalize", [run_key(run_id), events_key(run_id)], args)]
         )
-        await self._call(
-            "finalize",
-            self._commands.execute("SREM", worker_runs_key(record.worker_id), record.run_id),
-        )
-        return bool(reply)
+        # Unlisted only once terminal: a crash in between leaves a no-op for the reaper.
+        await self._call("finalize", [("SREM", worker_runs_key(record.worker_id), run_id)])
+        return bool(won)
 
     async def request_cancel(self, run_id: str) -> CancelOutcome:
-        reply = await self._script("cancel", [run_key(run_id)], [run_id, CANCEL_CHANNEL_PREFIX])
+        (reply,) = await self._call(
+            "cancel", [_script("cancel", [run_key(run_id)], [run_id, CANCEL_CHANNEL_PREFIX])]
+        )
         outcome = reply.decode()
         if outcome == "missing":
             raise RunNotFound(f"run {run_id} not found")
@@ -297,80 +289,68 @@ class RedisRunStore:
     # --- worker leases --------------------------------------------------------------
 
     async def heartbeat(self, worker_id: str, ttl_seconds: float) -> None:
-        await self._script("heartbeat", [WORKERS_KEY], [worker_id, int(ttl_seconds * 1000)])
+        await self._call(
+            "heartbeat", [_script("heartbeat", [WORKERS_KEY], [worker_id, int(ttl_seconds * 1000)])]
+        )
 
     async def retire(self, worker_id: str) -> None:
-        await self._call("retire", self._commands.execute("ZREM", WORKERS_KEY, worker_id))
+        await self._call("retire", [("ZREM", WORKERS_KEY, worker_id)])
 
     async def expired_workers(self) -> list[str]:
-        reply = await self._script("expired", [WORKERS_KEY], [EXPIRED_BATCH])
+        (reply,) = await self._call("expired", [_script("expired", [WORKERS_KEY], [EXPIRED_BATCH])])
         return [worker_id.decode() for worker_id in reply]
 
     async def runs_of(self, worker_id: str) -> list[str]:
-        members = await self._call(
-            "runs_of", self._commands.execute("SMEMBERS", worker_runs_key(worker_id))
-        )
+        (members,) = await self._call("runs_of", [("SMEMBERS", worker_runs_key(worker_id))])
         return sorted(member.decode() for member in members)
 
     async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
+        commands: list[Command] = []
         if run_ids:
-            await self._call(
-                "forget", self._commands.execute("SREM", worker_runs_key(worker_id), *run_ids)
-            )
-        await self._script("forget", [WORKERS_KEY], [worker_id])
+            commands.append(("SREM", worker_runs_key(worker_id), *run_ids))
+        commands.append(_script("forget", [WORKERS_KEY], [worker_id]))
+        await self._call("forget", commands)
 
     # --- internals ----------------------------------------------------------------
 
-    async def _script(
-        self, name: str, keys: list[str], args: list[Any], *, undo: Undo | None = None
-    ) -> Any:
-        return await self._call(name, self._commands.script(_SCRIPTS[name], keys, args), undo=undo)
-
-    async def _call(self, operation: str, awaitable: Any, *, undo: Undo | None = None) -> Any:
-        """Await a store operation for at most CALL_TIMEOUT_SECONDS.
-
-        A caller told StoreUnavailable may still have its command reach Redis: it was
-        sent, or still queued, when the reply was lost or the wait ran out. For the
-        writes where that matters, ``undo`` reverses it once the command has settled
-        (it is a no-op when the write never happened), so what the caller was told
-        — "not created" — holds.
-        """
-        future = asyncio.ensure_future(awaitable)
-        future.add_done_callback(_retrieve_exception)
+    async def _call(
+        self, operation: str, commands: list[Command], *, undo: Undo | None = None
+    ) -> list[Any]:
         try:
-            return await asyncio.wait_for(asyncio.shield(future), CALL_TIMEOUT_SECONDS)
-        except TimeoutError:
-            error = StoreUnavailable(f"the store did not answer within {CALL_TIMEOUT_SECONDS:g}s")
-        except StoreUnavailable as exc:
-            error = exc
-        if undo is not None:
-            late = asyncio.create_task(self._undo_when_settled(future, undo, operation))
-            self._late.add(late)
-            late.add_done_callback(self._late.discard)
-        if self._on_error is not None:
-            self._on_error(operation)
-        raise error
+            return await self._commands.run(commands, undo=undo)
+        except StoreUnavailable:
+            if self._on_error is not None:
+                self._on_error(operation)
+            raise
 
-    async def _undo_when_settled(
-        self, future: asyncio.Future[Any], undo: Undo, operation: str
-    ) -> None:
-        await asyncio.wait([future])
+    async def _undo(self, operation: str, reverse: Undo) -> None:
+        """Reverse a write its caller was told failed (see redis_commands); retried,
+        because it runs right after a failure, when Redis may still be away."""
         for attempt in range(UNDO_ATTEMPTS):
             try:
-                await undo()
+                await reverse()
                 return
             except StoreUnavailable:
                 await asyncio.sleep(UNDO_FIRST_RETRY_SECONDS * 2**attempt)
-        log.error("store_undo_failed", operation=operation)
+        log.warning("store_undo_failed", operation=operation)
 
-    async def _undo_create(self, record: RunRecord) -> None:
+    async def _discard(self, record: RunRecord) -> None:
         """Remove a create whose caller was refused, should it have landed after all."""
         run_id = record.run_id
         keys = [run_key(run_id), events_key(run_id)]
-        if await self._script("discard", keys, [json_encoder.encode(record)]):
+        removed, _ = await self._call(
+            "discard",
+            [
+                _script("discard", keys, [json_encoder.encode(record)]),
+                ("SREM", worker_runs_key(record.worker_id), run_id),
+            ],
+        )
+        if removed:
             log.warning("late_create_discarded", run_id=run_id)
-        unlist = self._commands.execute("SREM", worker_runs_key(record.worker_id), run_id)
-        await self._call("discard", unlist)
+
+
+def _script(name: str, keys: list[str], args: list[Any]) -> Command:
+    return _SCRIPTS[name].call(keys, args)
 
 
 def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> Event:

@@ -4,19 +4,25 @@ Each create, append and finalize is a single Lua script call. Sending each in it
 own round trip on its own pooled connection has two costs: throughput is bounded by
 round trips, and a burst of concurrent requests asks the pool for more connections
 than it has (``MaxConnectionsError`` from the default pool — a 500 for the client).
-Here callers only queue a command and await its reply; at most ``max_in_flight``
-pipelines are on the wire at once, each carrying everything queued while the
-previous ones were out. Connections in use are therefore bounded by construction,
-and a burst is answered in a few round trips instead of one per request.
+Here callers only queue a job (one or more commands) and await its replies; at most
+``max_in_flight`` pipelines are on the wire at once, each carrying everything queued
+while the previous ones were out. Connections in use are therefore bounded by
+construction, and a burst is answered in a few round trips instead of one per request.
+
+Every job also has a deadline: past it the caller gets StoreUnavailable (a 503, never
+a hang) while the commands may still reach Redis. A job that fails — timed out, a
+lost reply, or a caller that went away — runs its ``undo`` once its commands have
+settled, so a write the caller was told did not happen does not appear later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +33,11 @@ from service.errors import StoreUnavailable
 
 #: Errors that mean "Redis is not reachable now" rather than "this command is wrong".
 UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: How long close() waits for undos still running.
+UNDO_WAIT_SECONDS: Final = 3.0
+
+Command = tuple[Any, ...]
+Undo = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -42,40 +53,85 @@ class LuaScript:
         source = resources.files("service.store").joinpath(f"lua/{name}.lua").read_text()
         return cls(name=name, source=source, sha=hashlib.sha1(source.encode()).hexdigest())  # noqa: S324 - Redis names scripts by SHA-1
 
+    def call(self, keys: list[str], args: list[Any]) -> Command:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+@dataclass(eq=False)
+class _Job:
+    future: asyncio.Future[list[Any]]
+    results: list[Any]
+    pending: int
+    undo: Undo | None
+    timer: asyncio.TimerHandle | None = None
+    expired: bool = False
+
 
 class CommandPipeline:
-    """Queue commands; flush them in shared pipelines; bound the connections used."""
+    """Queue jobs; flush their commands in shared pipelines; bound connections and time."""
 
-    def __init__(self, redis: Redis, *, max_in_flight: int = 4, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        scripts: Iterable[LuaScript],
+        timeout: float,
+        max_in_flight: int = 4,
+        max_batch: int = 512,
+    ) -> None:
         self._redis = redis
+        self._scripts = {script.sha: script for script in scripts}
+        self._timeout = timeout
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Command, _Job, int]] = []
         self._flushers: set[asyncio.Task[None]] = set()
-        self._scripts: dict[str, LuaScript] = {}
+        self._undos: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def execute(self, *args: Any) -> Any:
-        """Run one command in the next pipeline and return its reply."""
+    async def run(self, commands: list[Command], *, undo: Undo | None = None) -> list[Any]:
+        """Run the commands, in order, in the next pipeline; return their replies.
+
+        Raises StoreUnavailable when Redis cannot be reached or does not answer in
+        time, and a command's own error (e.g. a ResponseError) otherwise.
+        """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            future=loop.create_future(),
+            results=[None] * len(commands),
+            pending=len(commands),
+            undo=undo,
+        )
+        job.timer = loop.call_later(self._timeout, self._expire, job)
+        self._queue.extend((command, job, index) for index, command in enumerate(commands))
         if len(self._flushers) < self._max_in_flight:
             flusher = asyncio.create_task(self._flush())
             self._flushers.add(flusher)
             flusher.add_done_callback(self._flushers.discard)
-        return await future
+        return await job.future
 
-    async def script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
-        self._scripts[script.sha] = script
-        return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    async def execute(self, *args: Any, undo: Undo | None = None) -> Any:
+        """Run one command; return its reply."""
+        return (await self.run([args], undo=undo))[0]
 
     async def close(self) -> None:
-        """Refuse new commands, and wait until every queued one has been answered."""
+        """Refuse new jobs; wait for the queued ones and (a while) for running undos."""
         self._closed = True
         while self._flushers:
             await asyncio.gather(*self._flushers, return_exceptions=True)
+        if self._undos:
+            await asyncio.wait(set(self._undos), timeout=UNDO_WAIT_SECONDS)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _expire(self, job: _Job) -> None:
+        if not job.future.done():
+            job.expired = True
+            job.future.set_exception(
+                StoreUnavailable(f"the store did not answer within {self._timeout:g}s")
+            )
 
     async def _flush(self) -> None:
         while self._queue:
@@ -83,9 +139,9 @@ class CommandPipeline:
             del self._queue[: self._max_batch]
             await self._send(batch)
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[Command, _Job, int]]) -> None:
         try:
-            results = await self._run([args for args, _ in batch])
+            results = await self._run([command for command, _, _ in batch])
             missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
             if missing:
                 # Redis restarted (or flushed its script cache): load and run those again.
@@ -94,25 +150,36 @@ class CommandPipeline:
                 for i, result in zip(missing, retried, strict=True):
                     results[i] = result
         except UNAVAILABLE_ERRORS as exc:
-            error = StoreUnavailable(f"store unavailable: {exc}")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        except BaseException:
-            # Cancelled (the store is closing) or a bug: nobody may wait forever.
-            for _, future in batch:
-                future.cancel()
+            results = [StoreUnavailable(f"store unavailable: {exc}")] * len(batch)
+        except BaseException as exc:
+            # Cancelled (the loop is closing) or a bug: every caller still gets an answer.
+            failure = StoreUnavailable(f"store call abandoned: {exc!r}")
+            for _, job, index in batch:
+                self._settle(job, index, failure)
             raise
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller went away (e.g. a cancelled request)
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for (_, job, index), result in zip(batch, results, strict=True):
+            self._settle(job, index, result)
 
-    async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _settle(self, job: _Job, index: int, result: Any) -> None:
+        job.results[index] = result
+        job.pending -= 1
+        if job.pending:
+            return
+        if job.timer is not None:
+            job.timer.cancel()
+        error = next((r for r in job.results if isinstance(r, BaseException)), None)
+        if not job.future.done():
+            if error is None:
+                job.future.set_result(job.results)
+            else:
+                job.future.set_exception(error)
+        failed = job.expired or job.future.cancelled() or isinstance(error, StoreUnavailable)
+        if failed and job.undo is not None:
+            undo = asyncio.create_task(job.undo())
+            self._undos.add(undo)
+            undo.add_done_callback(self._undos.discard)
+
+    async def _run(self, commands: list[Command]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for args in commands:
                 pipe.execute_command(*args)

@@ -22,7 +22,10 @@ from service.web.state import services_of
 COUNTS_REJECTIONS = "counts_rejections"
 
 
-def require_auth(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def require_auth(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    # Async on purpose: Litestar runs a sync guard in a worker thread, on every request.
     services = services_of(connection.app)
     token = services.settings.api_token
     if token is not None:
