@@ -17,7 +17,7 @@ lifespan shutdown. A drain started there is too late. So, in the worker:
    SIGTERM only once the hook has returned; exiting earlier would kill the hook and
    record a failed preStop. That SIGTERM then takes path 2 at once. Without one
    (a drain asked for by hand, or a platform with no hook), the worker stops by
-   itself at the drain's deadline — grace + 1 s after its start, and at least
+   itself at the drain's deadline — grace + 1.5 s after its start, and at least
    ``LINGER_SECONDS`` after it finished — by asking Granian's main process to
    stop (SIGTERM to the parent), so the exit is a clean 0, not "a worker died".
 
@@ -46,10 +46,11 @@ log = structlog.get_logger(__name__)
 MAIN_PID_ENV: Final = "QUIESCE_GRANIAN_MAIN_PID"
 SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 #: After an HTTP-triggered drain: the least time left for ``quiesce drain`` to read
-#: the result and for the kubelet to send SIGTERM.
-LINGER_SECONDS: Final = 0.5
-#: An HTTP-triggered drain stops the server by itself this long after the grace.
-SELF_STOP_AFTER_GRACE_SECONDS: Final = 1.0
+#: the result (it is sent the moment the drain ends) before the server stops.
+LINGER_SECONDS: Final = 0.25
+#: An HTTP-triggered drain stops the server by itself this long after the grace (the
+#: drain's own writes may take up to 1.5 s of it; the exit must come by 2 s).
+SELF_STOP_AFTER_GRACE_SECONDS: Final = 1.5
 
 
 def install(lifecycle: Lifecycle) -> bool:

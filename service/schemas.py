@@ -186,6 +186,9 @@ class DrainInfo(Struct, kw_only=True, frozen=True):
     active_now: int
     cancelled: int
     finished: bool
+    #: Runs whose terminal write did not complete by the end of the drain (the store
+    #: was unreachable); a peer reaps them once this worker's lease expires.
+    left_running: int = 0
 
 
 class ReplicaState(Struct, kw_only=True, frozen=True):

@@ -122,6 +122,8 @@ class RedisRunStore:
         self._retention = retention_seconds
         self._max_events = max_events
         self._on_error = on_error
+        self._to_unlist: dict[str, list[str]] = {}
+        self._unlisting: asyncio.Future[None] | None = None
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
         self._redis = Redis.from_pool(
@@ -168,6 +170,8 @@ class RedisRunStore:
         await self._listener.start()
 
     async def close(self) -> None:
+        if self._unlisting is not None:
+            await asyncio.wait([self._unlisting])
         await self._commands.close()
         await self._listener.close()
         await self._redis.aclose()
@@ -273,8 +277,8 @@ class RedisRunStore:
         (won,) = await self._call(
             "finalize", [_script("finalize", [run_key(run_id), events_key(run_id)], args)]
         )
-        # Unlisted only once terminal: a crash in between leaves a no-op for the reaper.
-        await self._call("finalize", [("SREM", worker_runs_key(record.worker_id), run_id)])
+        # Unlisted only once terminal (a crash in between leaves the reaper a no-op).
+        self._unlist_soon(record.worker_id, run_id)
         return bool(won)
 
     async def request_cancel(self, run_id: str) -> CancelOutcome:
@@ -301,6 +305,8 @@ class RedisRunStore:
         return [worker_id.decode() for worker_id in reply]
 
     async def runs_of(self, worker_id: str) -> list[str]:
+        if self._unlisting is not None:
+            await asyncio.wait([self._unlisting])  # read what this process already wrote
         (members,) = await self._call("runs_of", [("SMEMBERS", worker_runs_key(worker_id))])
         return sorted(member.decode() for member in members)
 
@@ -322,6 +328,24 @@ class RedisRunStore:
             if self._on_error is not None:
                 self._on_error(operation)
             raise
+
+    def _unlist_soon(self, worker_id: str, run_id: str) -> None:
+        """Remove a finalized run from its worker's list, together with every other run
+        finalized in the same moment: a drain of thousands of runs sends a few SREMs,
+        not thousands."""
+        self._to_unlist.setdefault(worker_runs_key(worker_id), []).append(run_id)
+        if self._unlisting is None or self._unlisting.done():
+            self._unlisting = asyncio.ensure_future(self._unlist())
+
+    async def _unlist(self) -> None:
+        await asyncio.sleep(0)  # let the writes answered in this loop turn join in
+        while self._to_unlist:
+            batch, self._to_unlist = self._to_unlist, {}
+            try:
+                await self._call("unlist", [("SREM", key, *ids) for key, ids in batch.items()])
+            except StoreUnavailable:
+                # Still listed, already terminal: the reaper's finalize is a no-op for them.
+                log.warning("unlist_failed", runs=sum(map(len, batch.values())))
 
     async def _undo(self, operation: str, reverse: Undo) -> None:
         """Reverse a write its caller was told failed (see redis_commands); retried,

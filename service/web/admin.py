@@ -32,6 +32,7 @@ def replica_state(services: Services) -> ReplicaState:
             active_now=len(active),
             cancelled=progress.cancelled,
             finished=progress.finished,
+            left_running=len(scheduler.left_running),
         )
     return ReplicaState(
         state=lifecycle.state,

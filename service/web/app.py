@@ -53,8 +53,8 @@ HTTP_CLIENT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
 HTTP_CLIENT_LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 #: Pending callbacks may use the drain's time up to this long after the grace (the
 #: process must be gone 2 s after it), and at least the minimum.
-CALLBACK_BUDGET_AFTER_GRACE_SECONDS: Final = 1.5
-MIN_CALLBACK_BUDGET_SECONDS: Final = 0.25
+CALLBACK_BUDGET_AFTER_GRACE_SECONDS: Final = 1.6
+MIN_CALLBACK_BUDGET_SECONDS: Final = 0.1
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await callbacks.close(within=_callback_budget(lifecycle))
                 # Every run finalized: give the lease up; else let it expire, and a
                 # peer reaps what this process could not write.
-                await reaper.stop(retire=not scheduler.active_runs())
+                await reaper.stop(retire=not scheduler.left_running)
                 await store.close()
                 log.info("stopped")
 

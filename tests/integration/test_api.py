@@ -650,7 +650,7 @@ async def test_a_second_drain_does_not_restart_the_first(memory_client: Client) 
     assert drain["active_at_start"] == 0
     assert set(drain) == {
         "trigger", "started_at", "grace_seconds", "cancel_at", "active_at_start",
-        "active_now", "cancelled", "finished",
+        "active_now", "cancelled", "finished", "left_running",
     }  # fmt: skip
     await asyncio.sleep(0.05)
     second = await memory_client.post("/admin/drain")

@@ -286,6 +286,36 @@ async def test_drain_lets_short_runs_finish_and_fails_the_rest_as_shutdown(
     assert scheduler.active_runs() == []
 
 
+async def test_a_drain_stops_hundreds_of_runs_within_its_budget(store: RunStore) -> None:
+    many = 300
+    async with httpx.AsyncClient() as http:
+        scheduler = Scheduler(
+            store=store,
+            registry=make_registry(),
+            metrics=Metrics(max_active_runs=many, task_names=["sleep"]),
+            http=http,
+            worker_id="worker-a",
+            max_active_runs=many,
+            default_timeout_seconds=60,
+        )
+        await store.start()
+        runs = [(await scheduler.create(sleep_request(60))).record.run_id for _ in range(many)]
+        started = time.monotonic()
+        progress = await scheduler.drain(0.1)
+        assert time.monotonic() - started < 0.1 + DRAIN_FINALIZE_BUDGET_SECONDS
+    assert progress.cancelled == many
+    assert scheduler.left_running == []
+    assert scheduler.active_runs() == []
+    for run_id in runs[:: many // 10]:
+        record = await store.get(run_id)
+        assert record is not None
+        assert record.error is not None
+        assert record.error.reason == "shutdown"
+        assert await event_types(store, run_id) == ["run_started", "run_failed"]
+    assert sample(scheduler._metrics.run_cancellations, "sleep", "shutdown") == many
+    assert sample(scheduler._metrics.runs_finished, "sleep", "failed") == many
+
+
 async def test_drain_is_idempotent_and_never_extended(scheduler: Scheduler) -> None:
     await scheduler.create(sleep_request(30))
     started = time.monotonic()
