@@ -307,7 +307,7 @@ class Scheduler:
             run_id=active.run_id,
             emit=lambda data: self._emit(active, data),
             http=self._http,
-            log=log.bind(),
+            log=log,
             deadline=active.record.created_at + timedelta(seconds=active.record.timeout_seconds),
         )
         work: asyncio.Task[Any] = asyncio.create_task(active.task.fn(context, active.params))

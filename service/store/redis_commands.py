@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,6 +36,8 @@ from service.errors import StoreUnavailable
 UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 #: How long close() waits for undos still running.
 UNDO_WAIT_SECONDS: Final = 3.0
+#: How often overdue jobs are looked for: a deadline may be passed by this much.
+SWEEP_SECONDS: Final = 0.1
 
 Command = tuple[Any, ...]
 Undo = Callable[[], Coroutine[Any, Any, None]]
@@ -63,7 +66,7 @@ class _Job:
     results: list[Any]
     pending: int
     undo: Undo | None
-    timer: asyncio.TimerHandle | None = None
+    deadline: float
     expired: bool = False
 
 
@@ -87,6 +90,10 @@ class CommandPipeline:
         self._queue: list[tuple[Command, _Job, int]] = []
         self._flushers: set[asyncio.Task[None]] = set()
         self._undos: set[asyncio.Task[None]] = set()
+        #: Jobs in the order they were queued, hence of their deadlines (all the same
+        #: timeout): one periodic sweep expires them, instead of a timer per job.
+        self._waiting: deque[_Job] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def run(self, commands: list[Command], *, undo: Undo | None = None) -> list[Any]:
@@ -103,8 +110,11 @@ class CommandPipeline:
             results=[None] * len(commands),
             pending=len(commands),
             undo=undo,
+            deadline=loop.time() + self._timeout,
         )
-        job.timer = loop.call_later(self._timeout, self._expire, job)
+        self._waiting.append(job)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
         self._queue.extend((command, job, index) for index, command in enumerate(commands))
         if len(self._flushers) < self._max_in_flight:
             flusher = asyncio.create_task(self._flush())
@@ -121,17 +131,27 @@ class CommandPipeline:
         self._closed = True
         while self._flushers:
             await asyncio.gather(*self._flushers, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._undos:
             await asyncio.wait(set(self._undos), timeout=UNDO_WAIT_SECONDS)
 
     # --- internals ------------------------------------------------------------------
 
-    def _expire(self, job: _Job) -> None:
-        if not job.future.done():
-            job.expired = True
-            job.future.set_exception(
-                StoreUnavailable(f"the store did not answer within {self._timeout:g}s")
-            )
+    def _sweep(self) -> None:
+        """Expire the jobs past their deadline (at most SWEEP_SECONDS late)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = self._waiting
+        while waiting and (waiting[0].pending == 0 or waiting[0].deadline <= now):
+            job = waiting.popleft()
+            if job.pending and not job.future.done():
+                job.expired = True
+                job.future.set_exception(
+                    StoreUnavailable(f"the store did not answer within {self._timeout:g}s")
+                )
+        self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep) if waiting else None
 
     async def _flush(self) -> None:
         while self._queue:
@@ -165,8 +185,6 @@ class CommandPipeline:
         job.pending -= 1
         if job.pending:
             return
-        if job.timer is not None:
-            job.timer.cancel()
         error = next((r for r in job.results if isinstance(r, BaseException)), None)
         if not job.future.done():
             if error is None:

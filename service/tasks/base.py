@@ -47,7 +47,7 @@ class RunContext:
         run_id: str,
         emit: Callable[[dict[str, Any]], Awaitable[bool]],
         http: httpx.AsyncClient,
-        log: structlog.stdlib.BoundLogger,
+        log: structlog.typing.FilteringBoundLogger,
         deadline: datetime,
     ) -> None:
         self.run_id = run_id

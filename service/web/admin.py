@@ -12,7 +12,7 @@ from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
 from service.schemas import ActiveRunInfo, DrainInfo, ReplicaState
-from service.web.auth import require_auth
+from service.web.auth import auth_middleware
 from service.web.state import Services
 
 
@@ -50,7 +50,7 @@ def replica_state(services: Services) -> ReplicaState:
 class AdminController(Controller):
     path = "/admin"
     tags = ("admin",)
-    guards = (require_auth,)
+    middleware = (auth_middleware,)
 
     @post("/drain", status_code=202, summary="Start the drain (idempotent)")
     async def drain(

@@ -37,8 +37,8 @@ from service.scheduler import Scheduler
 from service.store import open_store
 from service.tasks.loader import build_registry
 from service.web.admin import AdminController
-from service.web.errors import handle_quiesce_error, log_unexpected
-from service.web.http_metrics import count_unmatched, http_metrics_middleware
+from service.web.errors import after_exception, handle_quiesce_error
+from service.web.http_metrics import http_metrics_middleware
 from service.web.probes import healthz, metrics, readyz
 from service.web.runs import RunsController
 from service.web.state import Services, provide_services
@@ -139,9 +139,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state=State({"settings": settings}),
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={QuiesceError: handle_quiesce_error},
-        after_exception=[log_unexpected],
+        after_exception=[after_exception],
         middleware=[http_metrics_middleware],
-        before_send=[count_unmatched],
         request_max_body_size=MAX_REQUEST_BODY_BYTES,
         logging_config=None,
         openapi_config=OpenAPIConfig(

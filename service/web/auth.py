@@ -3,42 +3,77 @@
 With ``QUIESCE_API_TOKEN`` set, a request needs ``Authorization: Bearer <token>``
 (compared in constant time). Without it, only clients on loopback are served —
 the preStop hook and a developer's curl work, nothing from the network does.
-``/healthz``, ``/readyz`` and ``/metrics`` carry no guard.
+``/healthz``, ``/readyz`` and ``/metrics`` are outside these controllers and carry
+no check.
+
+It is a route middleware rather than a Litestar guard: a guard costs a copy of the
+route handler on every request, and this check runs on every API request.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Any
+from functools import lru_cache
+from typing import Any, Final
 
-from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Receive, Scope, Send
 
+from service.schemas import json_encoder
 from service.web.state import services_of
 
 #: Handlers with this opt set count refused requests in quiesce_runs_rejected_total.
-COUNTS_REJECTIONS = "counts_rejections"
+COUNTS_REJECTIONS: Final = "counts_rejections"
 
 
-async def require_auth(
-    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-) -> None:
-    # Async on purpose: Litestar runs a sync guard in a worker thread, on every request.
-    services = services_of(connection.app)
-    token = services.settings.api_token
-    if token is not None:
-        ok = _bearer_matches(connection.headers.get("authorization"), token)
-        detail = "a valid bearer token is required"
-    else:
-        client = connection.client
-        ok = client is not None and _is_loopback(client.host)
-        detail = "no QUIESCE_API_TOKEN is set, so only loopback clients are served"
-    if not ok:
-        if handler.opt.get(COUNTS_REJECTIONS):
+def auth_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        services = services_of(scope["litestar_app"])
+        token = services.settings.api_token
+        if token is not None:
+            if _bearer_matches(_header(scope, b"authorization"), token):
+                await app(scope, receive, send)
+                return
+            detail = "a valid bearer token is required"
+        else:
+            client = scope.get("client")
+            if client is not None and _is_loopback(client[0]):
+                await app(scope, receive, send)
+                return
+            detail = "no QUIESCE_API_TOKEN is set, so only loopback clients are served"
+        if scope["route_handler"].opt.get(COUNTS_REJECTIONS):
             services.metrics.runs_rejected.labels("unauthorized").inc()
-        raise NotAuthorizedException(detail=detail, headers={"WWW-Authenticate": "Bearer"})
+        await _refuse(send, detail)
+
+    return middleware
+
+
+async def _refuse(send: Send, detail: str) -> None:
+    """A 401 in the shape of every other error, with the challenge RFC 6750 asks for."""
+    body = json_encoder.encode({"status_code": 401, "detail": detail})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _bearer_matches(header: str | None, token: str) -> bool:
@@ -50,6 +85,7 @@ def _bearer_matches(header: str | None, token: str) -> bool:
     return hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
+@lru_cache(maxsize=1024)
 def _is_loopback(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host)

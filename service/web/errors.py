@@ -25,6 +25,7 @@ from service.errors import (
     Unavailable,
     UnknownTask,
 )
+from service.web.http_metrics import count_unmatched
 
 log = structlog.get_logger(__name__)
 
@@ -83,8 +84,8 @@ def handle_quiesce_error(request: Request[Any, Any, Any], exc: QuiesceError) -> 
     return error_response(status_code, exc.message, extra=exc.extra or None, headers=headers)
 
 
-async def log_unexpected(exc: Exception, scope: Any) -> None:
-    """after_exception hook: log what will become a 500 (expected errors are not)."""
-    if isinstance(exc, QuiesceError | HTTPException):
-        return
-    log.error("unhandled_exception", path=scope.get("path"), exc_info=exc)
+async def after_exception(exc: Exception, scope: Any) -> None:
+    """after_exception hook: count unmatched requests; log what becomes a 500."""
+    count_unmatched(exc, scope)
+    if not isinstance(exc, QuiesceError | HTTPException):
+        log.error("unhandled_exception", path=scope.get("path"), exc_info=exc)

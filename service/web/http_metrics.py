@@ -2,7 +2,7 @@
 
 A route middleware times matched routes (its ``send`` sees the status after
 Litestar's exception handling); requests that match no route (404/405) never reach
-route middleware, so a ``before_send`` hook counts those as route ``unmatched``.
+route middleware, so the app's after_exception hook counts those as ``unmatched``.
 Either way a label value comes from a bounded set.
 """
 
@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from litestar.enums import ScopeType
+from litestar.exceptions import MethodNotAllowedException, NotFoundException
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from service.web.state import services_of
@@ -46,13 +47,14 @@ def http_metrics_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-async def count_unmatched(message: Message, scope: Scope) -> None:
-    """before_send hook: count responses of requests that matched no route."""
-    if message["type"] != "http.response.start" or "path_template" in scope:
-        return
-    app: Any = scope.get("litestar_app")
-    services = app.state.get("services") if app is not None else None
-    if services is not None:
-        services.metrics.http_requests.labels(
-            scope["method"], UNMATCHED, str(message["status"])
-        ).inc()
+def count_unmatched(exc: Exception, scope: Any) -> None:
+    """Part of the after_exception hook: a request that matched no route (404/405)."""
+    if (
+        isinstance(exc, NotFoundException | MethodNotAllowedException)
+        and "path_template" not in scope
+    ):
+        app: Any = scope.get("litestar_app")
+        services = app.state.get("services") if app is not None else None
+        if services is not None:
+            status = str(exc.status_code)
+            services.metrics.http_requests.labels(scope["method"], UNMATCHED, status).inc()

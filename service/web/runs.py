@@ -35,7 +35,7 @@ from service.schemas import (
 )
 from service.store import CancelOutcome
 from service.store.base import parse_cursor
-from service.web.auth import COUNTS_REJECTIONS, require_auth
+from service.web.auth import COUNTS_REJECTIONS, auth_middleware
 from service.web.errors import error_response, invalid_request
 from service.web.sse import event_stream
 from service.web.state import Services, services_of
@@ -145,7 +145,7 @@ async def _load(services: Services, run_id: str) -> RunRecord:
 class RunsController(Controller):
     path = "/v1"
     tags = ("runs",)
-    guards = (require_auth,)
+    middleware = (auth_middleware,)
 
     @post(
         "/runs",
