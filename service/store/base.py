@@ -19,6 +19,7 @@ checks each against both stores):
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 from collections.abc import Collection
@@ -68,6 +69,20 @@ class CancelListener(Protocol):
 class EventWatch(Protocol):
     async def wait(self) -> None:
         """Return once the run may have new events since the last call."""
+
+
+class Watch:
+    """The EventWatch both stores hand out: notified by the store, awaited by a stream."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
 
 
 class RunStore(Protocol):

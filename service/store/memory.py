@@ -27,20 +27,9 @@ from service.store.base import (
     CancelListener,
     CancelOutcome,
     EventWatch,
+    Watch,
     parse_cursor,
 )
-
-
-class _Watch:
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-
-    async def wait(self) -> None:
-        await self._changed.wait()
-        self._changed.clear()
 
 
 @dataclass(eq=False)
@@ -53,7 +42,7 @@ class _Entry:
     events: list[Event] = field(default_factory=list)
     keys: list[tuple[int, int]] = field(default_factory=list)
     cancel_requested: bool = False
-    watches: set[_Watch] = field(default_factory=set)
+    watches: set[Watch] = field(default_factory=set)
 
 
 class MemoryRunStore:
@@ -129,7 +118,7 @@ class MemoryRunStore:
     @asynccontextmanager
     async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
         entry = self._live(run_id)
-        watch = _Watch()
+        watch = Watch()
         if entry is not None:
             entry.watches.add(watch)
         try:

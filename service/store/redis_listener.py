@@ -22,7 +22,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from service.store.base import CancelListener, EventWatch
+from service.store.base import CancelListener, EventWatch, Watch
 from service.store.redis_commands import UNAVAILABLE_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -35,18 +35,6 @@ RECONNECT_BACKOFF_MAX_SECONDS: Final = 2.0
 CLOSE_TIMEOUT_SECONDS: Final = 0.5
 
 
-class _Watch:
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-
-    async def wait(self) -> None:
-        await self._changed.wait()
-        self._changed.clear()
-
-
 class NotificationListener:
     """Subscribes to this worker's cancel channel and to the channels of watched runs."""
 
@@ -56,7 +44,7 @@ class NotificationListener:
         self._events_prefix = events_prefix
         self._cancel_channel = f"{cancel_prefix}-"  # replaced by listen_for_cancels
         self._cancel_listener: CancelListener | None = None
-        self._watches: dict[str, set[_Watch]] = {}
+        self._watches: dict[str, set[Watch]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
         self._lock = asyncio.Lock()
@@ -91,7 +79,7 @@ class NotificationListener:
     @contextlib.asynccontextmanager
     async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
         channel = f"{self._events_prefix}{run_id}"
-        watch = _Watch()
+        watch = Watch()
         async with self._lock:
             watches = self._watches.setdefault(channel, set())
             watches.add(watch)
