@@ -11,9 +11,11 @@ also runs on Redis Cluster:
 
 Leases (``service.reaper``): ``quiesce:workers`` is a sorted set of worker ids scored
 by lease expiry (on the Redis server's clock), and ``quiesce:{worker:<id>}:runs``
-the set of a worker's unfinished runs. A run is added to that set just before its
-create and removed after its finalize, in separate commands (they live in other
-slots): a crash in between leaves at most an id whose finalize is a no-op.
+the set of a worker's unfinished runs. A run is added to that set ahead of its
+create (in the same pipeline) and removed once its finalize has answered (in one
+SREM with every run finalized at that moment). These are separate commands — the
+set lives in another slot — so a crash in between leaves at most an id whose
+finalize is a no-op for the reaper.
 
 While a run is running its keys live for retention plus its timeout (so a long run
 does not expire under its owner); the terminal write resets them to the retention.
@@ -89,8 +91,6 @@ _SCRIPTS: Final = {
 WORKERS_KEY: Final = "quiesce:workers"
 #: The most expired workers one reaper pass looks at.
 EXPIRED_BATCH: Final = 100
-
-
 #: After a refused write: how often its undo is tried.
 UNDO_ATTEMPTS: Final = 5
 UNDO_FIRST_RETRY_SECONDS: Final = 0.5
