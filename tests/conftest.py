@@ -166,6 +166,15 @@ async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterato
 
 
 @pytest.fixture
+async def redis_store(redis_server: RedisServer) -> AsyncIterator[RedisRunStore]:
+    """A started RedisRunStore on the test's own Redis."""
+    instance = RedisRunStore(redis_server.url, retention_seconds=3600)
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
 async def client(any_settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
     """An HTTP client on an app with each store in turn, authenticated."""
     async with AsyncTestClient(create_app(any_settings)) as test_client:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,15 +119,6 @@ def server(tmp_path: Path, redis_server: RedisServer) -> Iterator[Server]:
     instance = start_server(tmp_path, redis_server.url)
     yield instance
     stop(instance)
-
-
-@pytest.fixture
-async def run_store(redis_server: RedisServer) -> AsyncIterator[RedisRunStore]:
-    """A store on the server's Redis, to check what the server wrote."""
-    store = RedisRunStore(redis_server.url, retention_seconds=3600)
-    await store.start()
-    yield store
-    await store.close()
 
 
 async def terminal_history(store: RedisRunStore, run_id: str) -> tuple[RunRecord, list[str]]:

@@ -36,7 +36,7 @@ async def wait_reaped(store: RedisRunStore, run_ids: list[str], within: float) -
 
 
 async def test_a_surviving_replica_reaps_the_runs_of_a_crashed_one(
-    tmp_path: Path, redis_server: RedisServer, run_store: RedisRunStore
+    tmp_path: Path, redis_server: RedisServer, redis_store: RedisRunStore
 ) -> None:
     lease = {"QUIESCE_LEASE_TTL_SECONDS": str(LEASE_SECONDS)}
     crashed = start_server(tmp_path, redis_server.url, QUIESCE_WORKER_ID="pod-a", **lease)
@@ -46,9 +46,9 @@ async def test_a_surviving_replica_reaps_the_runs_of_a_crashed_one(
             run_ids = [await create_sleep(http, 60) for _ in range(2)]
         crashed.crash()
         # The lease lapses within its TTL; the survivor reaps twice per TTL.
-        await wait_reaped(run_store, run_ids, within=3 * LEASE_SECONDS)
+        await wait_reaped(redis_store, run_ids, within=3 * LEASE_SECONDS)
         for run_id in run_ids:
-            _, history = await terminal_history(run_store, run_id)
+            _, history = await terminal_history(redis_store, run_id)
             assert history == ["run_started", "run_failed"]
         async with httpx.AsyncClient(base_url=survivor.url, timeout=5) as http:
             text = (await http.get("/metrics")).text
@@ -59,7 +59,7 @@ async def test_a_surviving_replica_reaps_the_runs_of_a_crashed_one(
 
 
 async def test_a_worker_restarted_under_the_same_id_reaps_its_runs_at_start(
-    tmp_path: Path, redis_server: RedisServer, run_store: RedisRunStore
+    tmp_path: Path, redis_server: RedisServer, redis_store: RedisRunStore
 ) -> None:
     first = start_server(tmp_path, redis_server.url, QUIESCE_WORKER_ID="pod-x")
     try:
@@ -71,7 +71,7 @@ async def test_a_worker_restarted_under_the_same_id_reaps_its_runs_at_start(
     # A long lease (15 s by default): only the restart can reap this quickly.
     second = start_server(tmp_path, redis_server.url, QUIESCE_WORKER_ID="pod-x")
     try:
-        record, history = await terminal_history(run_store, run_id)
+        record, history = await terminal_history(redis_store, run_id)
         assert record.status == "failed"
         assert record.error is not None
         assert record.error.reason == "worker_lost"

@@ -110,7 +110,7 @@ def drain_started_at(server: Server) -> float:
     raise AssertionError(f"no drain_triggered event in the log:\n{server.log()}")
 
 
-async def test_prestop_drain_then_sigterm(server: Server, run_store: RedisRunStore) -> None:
+async def test_prestop_drain_then_sigterm(server: Server, redis_store: RedisRunStore) -> None:
     """Kubernetes' order: the preStop hook (`quiesce drain`) runs first, then SIGTERM."""
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
         short = [await create_sleep(http, SHORT_SECONDS) for _ in range(2)]
@@ -166,12 +166,12 @@ async def test_prestop_drain_then_sigterm(server: Server, run_store: RedisRunSto
         exited = time.time()
     assert code == 0, server.log()
     assert exited - started <= EXIT_BOUND_SECONDS
-    await assert_drain_outcome(run_store, short, long)
+    await assert_drain_outcome(redis_store, short, long)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_signal_alone_drains_and_exits_0(
-    server: Server, run_store: RedisRunStore, stop_signal: signal.Signals
+    server: Server, redis_store: RedisRunStore, stop_signal: signal.Signals
 ) -> None:
     """No preStop hook (docker stop, a Heroku restart, Ctrl+C): the signal starts the drain."""
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
@@ -201,7 +201,7 @@ async def test_a_signal_alone_drains_and_exits_0(
         exited = time.time()
     assert code == 0, server.log()
     assert exited - started <= EXIT_BOUND_SECONDS, server.log()
-    await assert_drain_outcome(run_store, short, long)
+    await assert_drain_outcome(redis_store, short, long)
     # Granian's main process stops its worker with SIGTERM whichever signal it got.
     triggers = [e["trigger"] for e in server.log_events() if e.get("event") == "drain_triggered"]
     assert triggers == ["SIGTERM"]

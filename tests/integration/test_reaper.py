@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,11 +15,8 @@ from tests.integration.test_store_contract import created, terminal
 
 
 @pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisRunStore]:
-    instance = RedisRunStore(redis_server.url, retention_seconds=3600)
-    await instance.start()
-    yield instance
-    await instance.close()
+def store(redis_store: RedisRunStore) -> RedisRunStore:
+    return redis_store
 
 
 def reaper(store: RedisRunStore, worker_id: str, metrics: Metrics | None = None) -> Reaper:
