@@ -12,25 +12,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Literal
 
 import structlog
 
 from service.scheduler import DrainProgress, Scheduler
+from service.schemas import LifecycleState
 
 log = structlog.get_logger(__name__)
-
-State = Literal["starting", "ready", "draining", "stopped"]
 
 
 class Lifecycle:
     def __init__(self, scheduler: Scheduler, *, grace_seconds: float) -> None:
         self._scheduler = scheduler
         self._grace = grace_seconds
-        self.state: State = "starting"
+        self.state: LifecycleState = "starting"
         #: Set when the drain begins; open event streams end on it.
         self.draining = asyncio.Event()
-        #: Set when the drain has finished (every run finalized).
+        #: Set when the drain has finished (every run finalized, or reported as left).
         self.stopped = asyncio.Event()
         self.trigger: str | None = None
         #: Event-loop time at which the drain began.

@@ -191,8 +191,11 @@ class DrainInfo(Struct, kw_only=True, frozen=True):
     left_running: int = 0
 
 
+LifecycleState = Literal["starting", "ready", "draining", "stopped"]
+
+
 class ReplicaState(Struct, kw_only=True, frozen=True):
-    state: Literal["starting", "ready", "draining", "stopped"]
+    state: LifecycleState
     worker_id: str
     active_runs: list[ActiveRunInfo]
     active_count: int
