@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Final
 
@@ -60,7 +59,6 @@ class CallbackSender:
         metrics: Metrics,
         attempts: int = ATTEMPTS,
         first_retry_seconds: float = FIRST_RETRY_SECONDS,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._http = http
         self._policy = policy
@@ -68,7 +66,6 @@ class CallbackSender:
         self._metrics = metrics
         self._attempts = attempts
         self._first_retry = first_retry_seconds
-        self._sleep = sleep
         self._pending: set[asyncio.Task[None]] = set()
 
     def check(self, url: str) -> None:
@@ -102,25 +99,24 @@ class CallbackSender:
         )
         bound = log.bind(run_id=record.run_id, callback_url=url)
         delay = self._first_retry
-        problem: str | None = "abandoned at shutdown"
+        problem: str | None = "not attempted before shutdown"
         try:
             for attempt in range(1, self._attempts + 1):
                 problem, retry = await self._attempt(record.run_id, url, body)
                 if problem is None:
-                    self._metrics.callbacks.labels("delivered").inc()
                     bound.info("callback_delivered", attempt=attempt)
                     return
                 if not retry or attempt == self._attempts:
-                    break
+                    return
                 bound.info("callback_retrying", attempt=attempt, problem=problem, retry_in=delay)
-                await self._sleep(delay)
+                await asyncio.sleep(delay)
                 delay *= 2
-        except asyncio.CancelledError:
-            self._metrics.callbacks.labels("failed").inc()
-            bound.error("callback_failed", problem=problem)
-            raise
-        self._metrics.callbacks.labels("failed").inc()
-        bound.error("callback_failed", problem=problem)
+        finally:
+            # Also when abandoned at shutdown (cancelled): every callback is counted.
+            outcome = "delivered" if problem is None else "failed"
+            self._metrics.callbacks.labels(outcome).inc()
+            if problem is not None:
+                bound.error("callback_failed", problem=problem)
 
     async def _attempt(self, message_id: str, url: str, body: bytes) -> tuple[str | None, bool]:
         """(problem or None, worth retrying)."""
