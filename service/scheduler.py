@@ -173,10 +173,6 @@ class Scheduler:
     # --- state ----------------------------------------------------------------------
 
     @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @property
     def worker_id(self) -> str:
         return self._worker_id
 

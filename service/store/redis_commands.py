@@ -122,10 +122,6 @@ class CommandPipeline:
             flusher.add_done_callback(self._flushers.discard)
         return await job.future
 
-    async def execute(self, *args: Any, undo: Undo | None = None) -> Any:
-        """Run one command; return its reply."""
-        return (await self.run([args], undo=undo))[0]
-
     async def close(self) -> None:
         """Refuse new jobs; wait for the queued ones and (a while) for running undos."""
         self._closed = True
