@@ -30,7 +30,7 @@ from service.config import Settings
 from service.egress import EgressPolicy
 from service.errors import QuiesceError
 from service.lifecycle import Lifecycle
-from service.logging import configure_logging
+from service.logging import Redactor, configure_logging
 from service.metrics import Metrics
 from service.reaper import Reaper
 from service.scheduler import Scheduler
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app from ``settings`` (default: read from the environment)."""
     if settings is None:
         settings = Settings.from_env(os.environ)
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, redactor=Redactor.for_settings(settings))
     egress = EgressPolicy(settings.http_allowed_hosts)
     registry = build_registry(settings, egress)
     webhook_key = WebhookKey.optional(settings.webhook_secret)
