@@ -26,6 +26,11 @@ _HOSTNAME_RE = re.compile(
     r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+#: What leaving a signing secret unset means, for the error on an empty one.
+_SIGNING_UNSET = {
+    "QUIESCE_CALLBACK_SECRET": "send callbacks unsigned",
+    "QUIESCE_WEBHOOK_SECRET": "accept creates without a signature",
+}
 
 
 class ConfigError(ValueError):
@@ -118,16 +123,31 @@ class _Env:
             raise ConfigError(f"{name}: must be {relation} {minimum:g}, got {value}")
         return parsed
 
+    def set_value(self, name: str, *, when_unset: str) -> str | None:
+        """None when ``name`` is absent; an explicitly empty (or blank) value is refused.
+
+        For a secret or the store's URL, "unset" changes how the service behaves
+        (loopback-only auth, unsigned callbacks, a store that lives in one process),
+        and an empty value is nearly always a Secret key or a template that failed to
+        render — so it stops the start instead of silently meaning "unset".
+        """
+        value = self._environ.get(name)
+        if value is None:
+            return None
+        if value.strip() == "":
+            raise ConfigError(f"{name}: is set but empty; unset it to {when_unset}")
+        return value.strip()
+
     def secret(self, name: str) -> str | None:
         # The value is never echoed: a misconfigured secret must not reach the logs.
-        value = self.raw(name)
+        value = self.set_value(name, when_unset="serve loopback clients only")
         if value is not None and len(value) < 16:
             raise ConfigError(f"{name}: must be at least 16 characters long")
         return value
 
     def signing_secret(self, name: str) -> str | None:
         """A Standard Webhooks secret: ``whsec_`` and a base64 key of 16 bytes or more."""
-        value = self.raw(name)
+        value = self.set_value(name, when_unset=_SIGNING_UNSET[name])
         if value is not None:
             try:
                 decode_secret(value)
@@ -137,7 +157,7 @@ class _Env:
 
     def redis_url(self) -> str | None:
         for name in ("QUIESCE_REDIS_URL", "REDIS_URL"):
-            value = self.raw(name)
+            value = self.set_value(name, when_unset="use the in-memory store")
             if value is None:
                 continue
             scheme = urlsplit(value).scheme

@@ -73,9 +73,34 @@ def test_defaults() -> None:
     )
 
 
+#: Unset changes behaviour (auth, signing, the store): an empty value is an error.
+MUST_NOT_BE_EMPTY = [
+    "QUIESCE_API_TOKEN",
+    "QUIESCE_CALLBACK_SECRET",
+    "QUIESCE_WEBHOOK_SECRET",
+    "QUIESCE_REDIS_URL",
+    "REDIS_URL",
+]
+
+
 def test_blank_values_count_as_unset() -> None:
-    blank = {name: "  " for name, _ in BAD_VALUES}
+    blank = {name: "  " for name, _ in BAD_VALUES if name not in MUST_NOT_BE_EMPTY}
     assert Settings.from_env(blank) == Settings.from_env({})
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t"])
+@pytest.mark.parametrize("name", MUST_NOT_BE_EMPTY)
+def test_an_empty_secret_or_store_url_is_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name}: is set but empty; unset it to "), message
+    assert "\n" not in message
+
+
+def test_an_empty_redis_url_is_irrelevant_when_quiesce_redis_url_is_set() -> None:
+    env = {"QUIESCE_REDIS_URL": "redis://mine:6379/1", "REDIS_URL": ""}
+    assert Settings.from_env(env).redis_url == "redis://mine:6379/1"
 
 
 def test_every_variable_is_read() -> None:
@@ -172,6 +197,8 @@ def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
     [
         ("serve", "PORT", "abc"),
         ("serve", "QUIESCE_API_TOKEN", "hunter2"),
+        ("serve", "QUIESCE_API_TOKEN", ""),
+        ("check", "QUIESCE_REDIS_URL", " "),
         ("check", "QUIESCE_LOG_FORMAT", "xml"),
     ],
 )
@@ -183,5 +210,6 @@ def test_the_cli_exits_2_with_one_line_naming_the_variable(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert name in lines[0]
-    assert value not in lines[0] or name != "QUIESCE_API_TOKEN"
+    if name == "QUIESCE_API_TOKEN" and value:
+        assert value not in lines[0]
     assert result.stdout == ""
