@@ -21,6 +21,20 @@ lifespan shutdown. A drain started there is too late. So, in the worker:
    ``LINGER_SECONDS`` after it finished — by asking Granian's main process to
    stop (SIGTERM to the parent), so the exit is a clean 0, not "a worker died".
 
+4. A worker whose main process has died (SIGKILLed, OOM-killed outside a container)
+   is an orphan that would go on serving and renewing its lease forever: nothing
+   would ever stop it, and its runs would never be reaped. The worker checks its
+   parent every ``PARENT_POLL_SECONDS``; when Granian's main process is gone it
+   drains through the same entry point with no grace (the runs still active are
+   recorded ``failed``/``shutdown``) and stops itself as in path 2, so it is gone
+   within 2 s of the death. ``PR_SET_PDEATHSIG`` was not used: it is Linux-only, it
+   fires when the *thread* that forked the worker ends rather than the process, and
+   a signal would arrive as an ordinary SIGTERM with the full grace. A bound that
+   does not depend on Granian's own stop (it waits for every open connection) ends
+   the process at ``ORPHAN_EXIT_SECONDS`` after the death was noticed, whatever is
+   still under way then; a run whose write had not completed is reaped by a peer
+   once the lease expires, as after a crash.
+
 ``quiesce serve`` runs Granian with ``--loop asyncio`` (the handlers live in the
 asyncio loop's table) and sets ``QUIESCE_GRANIAN_MAIN_PID``; if the handlers cannot
 be taken over then, start-up fails rather than run without a drain. Under a plain
@@ -34,6 +48,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from typing import Any, Final
 
 import structlog
@@ -51,6 +66,16 @@ LINGER_SECONDS: Final = 0.25
 #: An HTTP-triggered drain stops the server by itself this long after the grace (the
 #: drain's own writes may take up to 1.5 s of it; the exit must come by 2 s).
 SELF_STOP_AFTER_GRACE_SECONDS: Final = 1.5
+#: How often a worker checks that Granian's main process is still its parent.
+PARENT_POLL_SECONDS: Final = 0.25
+#: From noticing the main process's death to this process's exit, at the most: with
+#: the poll interval, the worker is gone within 2 s of the death.
+ORPHAN_EXIT_SECONDS: Final = 1.7
+#: The drain of an orphan: runs still active are stopped at once.
+ORPHAN_GRACE_SECONDS: Final = 0.0
+#: The exit status of an orphan stopped by the bound (no parent reads it; a
+#: supervisor that adopted the process may).
+ORPHAN_FORCED_EXIT_CODE: Final = 1
 
 
 def install(lifecycle: Lifecycle) -> bool:
@@ -66,6 +91,7 @@ def install(lifecycle: Lifecycle) -> bool:
         for sig in SIGNALS:
             loop.add_signal_handler(sig, bridge.on_signal, sig)
         lifecycle.on_stopped(bridge.on_drained)
+        bridge.watch_parent()
         log.info("granian_bridge_installed", main_pid=main_pid)
         return True
     if MAIN_PID_ENV in os.environ:
@@ -101,6 +127,34 @@ class _Bridge:
         self._main_pid = main_pid
         self._signalled = False
         self._handed_back = False
+        self._watch: asyncio.Task[None] | None = None
+
+    def watch_parent(self) -> None:
+        self._watch = self._loop.create_task(self._watch_parent(), name="quiesce-parent-watch")
+
+    async def _watch_parent(self) -> None:
+        # Polling is the mechanism: one getppid() per tick is portable and meets the
+        # 2 s bound (a Linux pidfd could report the death as an event, at the price
+        # of a second code path for other systems).
+        while os.getppid() == self._main_pid:  # noqa: ASYNC110
+            await asyncio.sleep(PARENT_POLL_SECONDS)
+        self.on_orphaned()
+
+    def on_orphaned(self) -> None:
+        """Granian's main process is gone: drain at once, then stop this process."""
+        log.error(
+            "granian_main_process_gone",
+            main_pid=self._main_pid,
+            detail=f"draining without grace; this worker exits within {ORPHAN_EXIT_SECONDS}s",
+        )
+        timer = threading.Timer(ORPHAN_EXIT_SECONDS, _exit_orphan)
+        timer.daemon = True  # never keeps a finished process alive
+        timer.start()
+        self._signalled = True  # the drain's end stops the server at once (path 2)
+        if self._lifecycle.stopped.is_set():
+            self._hand_back()
+            return
+        self._lifecycle.begin_drain("parent_exited", grace_seconds=ORPHAN_GRACE_SECONDS)
 
     def on_signal(self, sig: int) -> None:
         self._signalled = True
@@ -132,7 +186,16 @@ class _Bridge:
         if self._handed_back:
             return
         self._handed_back = True
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
         for sig, handle in self._saved.items():
             self._loop.add_signal_handler(sig, handle._callback, *handle._args)
         log.info("stopping_server", via="worker_signal")
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit_orphan() -> None:
+    """The orphan's bound (on a timer thread): whatever is still under way, stop now."""
+    log.error("orphan_exit_forced", after_seconds=ORPHAN_EXIT_SECONDS)
+    sys.stderr.flush()
+    os._exit(ORPHAN_FORCED_EXIT_CODE)

@@ -1,11 +1,12 @@
 """The replica's lifecycle: ``starting → ready → draining → stopped``.
 
 One idempotent drain serves every trigger (``POST /admin/drain``, SIGTERM,
-SIGINT): a trigger only calls :meth:`Lifecycle.begin_drain`, which flips the state
-synchronously — readiness reads 503 and creates are refused from the next request
-on — and starts the single drain task. Once the scheduler has finalized every run,
-the state becomes ``stopped`` and the ``on_stopped`` callbacks run; under Granian
-that is where the server is told to stop (``service.granian_bridge``).
+SIGINT, the death of Granian's main process): a trigger only calls
+:meth:`Lifecycle.begin_drain`, which flips the state synchronously — readiness reads
+503 and creates are refused from the next request on — and starts the single drain
+task. Once the scheduler has finalized every run, the state becomes ``stopped`` and
+the ``on_stopped`` callbacks run; under Granian that is where the server is told to
+stop (``service.granian_bridge``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Lifecycle:
 
     @property
     def grace_seconds(self) -> float:
+        """The grace of the drain (shorter than configured when its trigger asked)."""
         return self._grace
 
     def mark_ready(self) -> None:
@@ -49,12 +51,18 @@ class Lifecycle:
         """Run ``callback`` once the drain has finished."""
         self._on_stopped.append(callback)
 
-    def begin_drain(self, trigger: str) -> None:
-        """Start the drain (idempotent: a second trigger neither restarts nor extends it)."""
+    def begin_drain(self, trigger: str, *, grace_seconds: float | None = None) -> None:
+        """Start the drain (idempotent: a second trigger neither restarts nor extends it).
+
+        ``grace_seconds`` shortens the configured grace for this drain — for a trigger
+        that cannot wait for it, such as the death of Granian's main process.
+        """
         if self._drain_task is not None:
             log.info("drain_already_running", trigger=trigger, first_trigger=self.trigger)
             return
         loop = asyncio.get_running_loop()
+        if grace_seconds is not None:
+            self._grace = min(self._grace, max(grace_seconds, 0.0))
         self.trigger = trigger
         self.drain_started = loop.time()
         self.state = "draining"
