@@ -86,10 +86,20 @@ def new_run_id() -> str:
     return "run_" + _b32(secrets.token_bytes(16))
 
 
-def run_id_for_key(idempotency_key: str) -> str:
+#: Where an idempotency key comes from: a client's ``Idempotency-Key`` header, or the
+#: ``webhook-id`` of a signed create. Each has its own hash domain, so no text a client
+#: sends can name a webhook's run (or the reverse).
+KeyNamespace = Literal["client", "webhook"]
+_KEY_DOMAINS: Final[dict[str, bytes]] = {
+    "client": b"quiesce-idempotency:",
+    "webhook": b"quiesce-webhook-id:",
+}
+
+
+def run_id_for_key(idempotency_key: str, namespace: KeyNamespace = "client") -> str:
     """The run id an idempotency key maps to, so the key lives with the run's keys."""
     return "run_" + _b32(
-        hashlib.sha256(b"quiesce-idempotency:" + idempotency_key.encode()).digest()
+        hashlib.sha256(_KEY_DOMAINS[namespace] + idempotency_key.encode()).digest()
     )
 
 
@@ -188,7 +198,11 @@ class Scheduler:
     # --- admission ------------------------------------------------------------------
 
     async def create(
-        self, request: CreateRunRequest, *, idempotency_key: str | None = None
+        self,
+        request: CreateRunRequest,
+        *,
+        idempotency_key: str | None = None,
+        key_namespace: KeyNamespace = "client",
     ) -> Admission:
         """Admit, persist and start a run (see the module docstring for the order)."""
         task = self._registry.get(request.task)
@@ -197,7 +211,7 @@ class Scheduler:
         if idempotency_key is None:
             run_id = new_run_id()
         else:
-            run_id = run_id_for_key(idempotency_key)
+            run_id = run_id_for_key(idempotency_key, key_namespace)
             if (local := self._runs.get(run_id)) is not None:
                 return self._replay_local(local, fingerprint)
         active = self._reserve(run_id, task, params, request)

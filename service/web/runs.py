@@ -44,7 +44,8 @@ from service.webhooks import InvalidSignature
 RUN_ID_RE: Final = re.compile(r"^run_[a-z2-7]{26}$")
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
 _CREATE_REQUEST: Final = "create_request"
-_WEBHOOK_KEY: Final = "webhook_idempotency_key"
+#: A signed create's ``webhook-id``: its idempotency key, in the webhook key space.
+_WEBHOOK_ID: Final = "webhook_id"
 
 #: Which rejection reason each refused create counts under.
 _REJECTION_REASONS: Final[tuple[tuple[type[QuiesceError], str], ...]] = (
@@ -90,7 +91,7 @@ async def _decode_create(request: Request[Any, Any, Any]) -> Response[Any] | Non
             metrics.runs_rejected.labels("unauthorized").inc()
             return error_response(401, f"invalid webhook signature: {exc}")
         # A sender retries a message with the same webhook-id: make that a replay.
-        request.state[_WEBHOOK_KEY] = f"webhook:{message_id}"
+        request.state[_WEBHOOK_ID] = message_id
     refusal = _check_headers(request.headers) or _decode_body(request, body, services)
     if refusal is not None:
         metrics.runs_rejected.labels("invalid").inc()
@@ -163,9 +164,14 @@ class RunsController(Controller):
     ) -> Response[RunRecord]:
         # ``data`` documents the body; the strictly decoded one is what counts.
         create: CreateRunRequest = request.state[_CREATE_REQUEST]
-        key = idempotency_key or request.state.get(_WEBHOOK_KEY)
+        # A client's key and a webhook's id live in separate key spaces (see run_id_for_key).
+        webhook_id = None if idempotency_key else request.state.get(_WEBHOOK_ID)
         try:
-            admission = await services.scheduler.create(create, idempotency_key=key)
+            admission = await services.scheduler.create(
+                create,
+                idempotency_key=webhook_id or idempotency_key,
+                key_namespace="webhook" if webhook_id else "client",
+            )
         except QuiesceError as exc:
             for kind, reason in _REJECTION_REASONS:
                 if isinstance(exc, kind):
