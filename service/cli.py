@@ -3,7 +3,9 @@
 * ``quiesce serve`` — validate the configuration, then replace this process with
   Granian serving the app, set up for a pod: ASGI interface, 0.0.0.0:$PORT, one
   worker, the app factory, the asyncio loop, no respawn of a failed worker (a dead
-  worker exits the process, so Kubernetes restarts the pod).
+  worker exits the process, so Kubernetes restarts the pod), and connection limits
+  that leave room for probes beside every stream the replica admits (see
+  :func:`granian_backpressure`).
 * ``quiesce check`` — validate the configuration and reach the store; exit 0 when
   both are fine (for an init container, or by hand).
 * ``quiesce drain`` — the preStop hook: start the drain of the local server and
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import resource
 import sys
 import urllib.error
 import urllib.parse
@@ -34,8 +38,35 @@ EXIT_FAILED: Final = 1
 EXIT_CONFIG: Final = 2
 
 
+#: Granian's backpressure beyond twice the stream budget (see granian_backpressure).
+BACKPRESSURE_RESERVE: Final = 64
+#: The kernel's queue of connections not yet accepted: room for a burst of
+#: reconnecting streams (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG: Final = 2048
+#: Granian accepts header read timeouts up to this many milliseconds.
+MAX_HEADER_READ_TIMEOUT_MS: Final = 60_000
+#: File descriptors the worker needs besides its sockets (Redis, logs, modules).
+FD_RESERVE: Final = 256
+
+
+def granian_backpressure(settings: Settings) -> int:
+    """How many requests Granian serves at once in the worker; the rest wait.
+
+    Every open event stream holds one of these slots for as long as it lasts, and
+    ``QUIESCE_MAX_STREAMS`` of them may be open. As many slots again are left for
+    everything else — requests whose body is still arriving (each freed within the
+    body timeout), keep-alive connections, creates, reads — plus a fixed reserve,
+    so the probes and ``/metrics`` find a free slot even with every stream open
+    (the default, 2,000 streams, gives 4,064; Granian's own default is 1,024).
+    """
+    return 2 * settings.max_streams + BACKPRESSURE_RESERVE
+
+
 def granian_argv(settings: Settings, host: str) -> list[str]:
     """The Granian command line ``quiesce serve`` runs (also checked by the deploy tests)."""
+    header_timeout_ms = min(
+        max(round(settings.request_body_timeout_seconds * 1000), 1), MAX_HEADER_READ_TIMEOUT_MS
+    )
     return [
         sys.executable, "-m", "granian",
         "--interface", "asgi",
@@ -44,10 +75,35 @@ def granian_argv(settings: Settings, host: str) -> list[str]:
         "--workers", "1",
         "--loop", "asyncio",
         "--no-ws",
+        "--backpressure", str(granian_backpressure(settings)),
+        "--backlog", str(LISTEN_BACKLOG),
+        # Headers get the body's time limit: a client that trickles them would
+        # otherwise hold a slot for Granian's default of 30 s.
+        "--http1-header-read-timeout", str(header_timeout_ms),
         "--log-config", str(resources.files("service").joinpath("granian_logging.json")),
         "--factory",
         APP_FACTORY,
     ]  # fmt: skip
+
+
+def raise_fd_limit(needed: int) -> str | None:
+    """Lift the soft open-files limit to the hard one; a warning if still below ``needed``.
+
+    Every connection is a file descriptor, and container runtimes often start
+    processes with a soft limit of 1,024 — fewer than the streams a replica admits.
+    The limit is inherited by Granian across ``exec``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or hard > soft):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return (
+            f"warning: the open-files limit is {soft}, below the {needed} that "
+            "QUIESCE_MAX_STREAMS and the connection limits need; raise it (ulimit -n)"
+        )
+    return None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -55,6 +111,9 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(os.environ)
     argv = granian_argv(settings, args.host)
+    warning = raise_fd_limit(granian_backpressure(settings) + FD_RESERVE)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     # exec keeps this PID, so Granian's main process is the PID the bridge is told.
     env = {**os.environ, MAIN_PID_ENV: str(os.getpid())}
     sys.stdout.flush()

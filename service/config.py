@@ -56,6 +56,8 @@ class Settings:
     lease_ttl_seconds: float = 15.0
     callback_secret: str | None = None
     webhook_secret: str | None = None
+    max_streams: int = 2000
+    request_body_timeout_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -78,6 +80,10 @@ class Settings:
             lease_ttl_seconds=env.number("QUIESCE_LEASE_TTL_SECONDS", 15.0, minimum=3),
             callback_secret=env.signing_secret("QUIESCE_CALLBACK_SECRET"),
             webhook_secret=env.signing_secret("QUIESCE_WEBHOOK_SECRET"),
+            max_streams=env.integer("QUIESCE_MAX_STREAMS", 2000, minimum=1, maximum=100_000),
+            request_body_timeout_seconds=env.number(
+                "QUIESCE_REQUEST_BODY_TIMEOUT_SECONDS", 10.0, minimum=0, exclusive=True
+            ),
         )
 
 

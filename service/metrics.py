@@ -115,6 +115,22 @@ class Metrics:
             buckets=HTTP_DURATION_BUCKETS,
             registry=r,
         )
+        self.streams_active = Gauge(
+            "quiesce_streams_active", "Event streams open in this replica.", registry=r
+        )
+        self.max_streams = Gauge(
+            "quiesce_max_streams", "Event streams this replica keeps open at most.", registry=r
+        )
+        self.streams_rejected = Counter(
+            "quiesce_streams_rejected_total",
+            "Event stream requests refused with 503 because the replica had its maximum open.",
+            registry=r,
+        )
+        self.request_body_timeouts = Counter(
+            "quiesce_request_body_timeouts_total",
+            "Requests answered 408 because their body did not arrive in time.",
+            registry=r,
+        )
 
         self.max_active_runs.set(max_active_runs)
         # Series exist from the first scrape, so rate() and alerts see a zero, not a gap.

@@ -26,7 +26,7 @@ from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Final, Protocol
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, StoreUnavailable
 from service.schemas import Event, RunProgress, RunRecord, RunStarted
 
 #: Events kept per run; older progress events are trimmed first (the terminal event
@@ -68,7 +68,11 @@ class CancelListener(Protocol):
 
 class EventWatch(Protocol):
     async def wait(self) -> None:
-        """Return once the run may have new events since the last call."""
+        """Return once the run may have new events since the last call.
+
+        Raises StoreUnavailable once the store's notifications were lost: the
+        watcher cannot tell any more when to read, so it should stop watching.
+        """
 
 
 class Watch:
@@ -76,13 +80,21 @@ class Watch:
 
     def __init__(self) -> None:
         self._changed = asyncio.Event()
+        self._lost = False
 
     def notify(self) -> None:
+        self._changed.set()
+
+    def lose(self) -> None:
+        """The notification connection went down: wake the watcher, for good."""
+        self._lost = True
         self._changed.set()
 
     async def wait(self) -> None:
         await self._changed.wait()
         self._changed.clear()
+        if self._lost:
+            raise StoreUnavailable("the store's notifications were interrupted")
 
 
 class RunStore(Protocol):

@@ -7,8 +7,11 @@ Every watcher of every run in the process shares this one connection, so a
 thousand open SSE streams cost one Redis connection, not a thousand.
 
 Pub/Sub is at-most-once: messages sent while the connection is down are lost.
-After every (re)connect the listener therefore wakes every watcher (they re-read
-their stream) and asks the cancel listener to re-check its flags.
+When the connection drops (or stops answering PINGs) every current watcher is told
+its watch is lost — an open event stream then ends with a ``retry:`` hint instead of
+waiting, unaware, for a wake-up that may never come. After every (re)connect the
+listener wakes every watcher (they re-read their stream) and asks the cancel
+listener to re-check its flags.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from service.store.redis_commands import UNAVAILABLE_ERRORS
 
 log = structlog.get_logger(__name__)
 
-#: A silent connection is pinged after this long and given up after twice this long.
-PING_INTERVAL_SECONDS: Final = 5.0
+#: A silent connection is pinged after this long and given up after twice this long,
+#: so open streams learn of a frozen Redis within about two seconds (one PING a
+#: second on an idle connection is all it costs).
+PING_INTERVAL_SECONDS: Final = 1.0
 #: How long a new watcher waits for Redis to confirm its subscription.
 SUBSCRIBE_TIMEOUT_SECONDS: Final = 2.0
 RECONNECT_BACKOFF_MAX_SECONDS: Final = 2.0
@@ -131,6 +136,7 @@ class NotificationListener:
                 if self._closing:
                     return
                 log.warning("store_listener_disconnected", error=str(exc), retry_in=backoff)
+                self._lose_watches()
             finally:
                 self._pubsub = None
                 with contextlib.suppress(Exception):
@@ -170,6 +176,12 @@ class NotificationListener:
             return
         for watch in self._watches.get(channel, ()):
             watch.notify()
+
+    def _lose_watches(self) -> None:
+        """Disconnected: events may pass unseen, so every watcher is told to stop."""
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.lose()
 
     def _resync(self) -> None:
         """Connected again: whatever was published meanwhile is lost, so look again."""

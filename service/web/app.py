@@ -39,6 +39,7 @@ from service.tasks.loader import build_registry
 from service.web.admin import AdminController
 from service.web.errors import after_exception, handle_quiesce_error
 from service.web.http_metrics import http_metrics_middleware
+from service.web.limits import connection_limits
 from service.web.probes import healthz, metrics, readyz
 from service.web.runs import RunsController
 from service.web.state import Services, provide_services
@@ -140,7 +141,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={QuiesceError: handle_quiesce_error},
         after_exception=[after_exception],
-        middleware=[http_metrics_middleware],
+        middleware=[
+            http_metrics_middleware,
+            connection_limits(
+                max_streams=settings.max_streams,
+                body_timeout_seconds=settings.request_body_timeout_seconds,
+                metrics=app_metrics,
+            ),
+        ],
         request_max_body_size=MAX_REQUEST_BODY_BYTES,
         logging_config=None,
         openapi_config=OpenAPIConfig(

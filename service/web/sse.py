@@ -5,7 +5,10 @@ event as JSON), so a reconnecting EventSource resumes with ``Last-Event-ID``. A
 comment line goes out at least every ``KEEPALIVE_SECONDS`` so proxies keep the
 connection open. The stream ends after the terminal event; it also ends, with a
 ``retry:`` hint, when this replica starts draining (the client reconnects and is
-routed to a ready replica) or when the store becomes unreachable.
+routed to a ready replica), when a read of the store fails or the store's
+notifications are lost (the reconnect then gets the ordinary 503 while the store is
+down), or when the run is no longer in the store (the reconnect gets 404) — never
+silently, and never by waiting for the next keep-alive to notice.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ PAGE_SIZE: Final = 200
 
 _OPENED: Final = b": stream opened\n\n"
 _KEEPALIVE: Final = b": keep-alive\n\n"
+_STORE_UNAVAILABLE: Final = "the store is unavailable; reconnect to continue"
 
 
 def encode_event(event: Event) -> bytes:
@@ -63,9 +67,10 @@ async def event_stream(
             try:
                 events = await store.events(run_id, after=after, limit=PAGE_SIZE)
             except StoreUnavailable:
-                yield _goodbye("the store is unavailable; reconnect to continue")
+                yield _goodbye(_STORE_UNAVAILABLE)
                 return
-            if events is None:  # expired while being watched
+            if events is None:  # expired, or the store lost it (an empty restart)
+                yield _goodbye("the run is no longer in the store")
                 return
             for event in events:
                 yield encode_event(event)
@@ -79,30 +84,37 @@ async def event_stream(
                     # Terminal, and nothing after the cursor: the stream was resumed
                     # after the terminal event. Nothing can follow it.
                     return
-                if await _has_ended(store, run_id):
+                try:
+                    record = await store.get(run_id)
+                except StoreUnavailable:
+                    yield _goodbye(_STORE_UNAVAILABLE)
+                    return
+                if record is None or record.is_terminal:
                     # It may have ended just after the read above: read once more,
                     # so its terminal event is sent (status and event are written
                     # together, so the next read sees it).
                     ended = True
                     continue
-            if not await _first_of(watch.wait(), draining.wait(), within=keepalive_seconds):
+            try:
+                woken = await _first_of(watch.wait(), draining.wait(), within=keepalive_seconds)
+            except StoreUnavailable:  # the store's notifications were lost
+                yield _goodbye(_STORE_UNAVAILABLE)
+                return
+            if not woken:
                 yield _KEEPALIVE
 
 
-async def _has_ended(store: RunStore, run_id: str) -> bool:
-    try:
-        record = await store.get(run_id)
-    except StoreUnavailable:
-        return False  # the next read ends the stream with a retry hint
-    return record is None or record.is_terminal
-
-
 async def _first_of(*awaitables: Awaitable[object], within: float) -> bool:
-    """Wait for the first to complete; False if none did within the timeout."""
+    """Wait for the first to complete; False if none did within the timeout.
+
+    An exception of the first to complete is raised here.
+    """
     tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
     try:
         done, _ = await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
+    for task in done:
+        task.result()
     return bool(done)

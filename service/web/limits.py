@@ -1,0 +1,149 @@
+"""Connection limits that keep a replica answering while clients hold requests open.
+
+Granian admits a fixed number of concurrent requests per worker (its backpressure,
+set by ``quiesce serve``); once that many are held open, nothing else is answered —
+the kubelet's probes included. Two kinds of request can be held open at a client's
+will, and each is bounded here:
+
+* **event streams** (any handler answering ``text/event-stream``): at most
+  ``QUIESCE_MAX_STREAMS`` per process; one more gets ``503`` + ``Retry-After``
+  before it touches the store. The rest of Granian's backpressure stays free for
+  everything else (see ``service.cli.granian_backpressure``).
+* **request bodies**: a body must have arrived ``QUIESCE_REQUEST_BODY_TIMEOUT_SECONDS``
+  after the request started, else ``408`` (Granian has no body timeout of its own), so
+  a body sent a byte at a time frees its slot within that time.
+
+One app-level middleware does both; it runs inside the HTTP metrics middleware, so
+its refusals are counted like any other answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final
+
+from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
+
+from service.metrics import Metrics
+from service.schemas import json_encoder
+
+#: A refused stream is told to come back after this long; streams end all the time.
+STREAM_RETRY_AFTER_SECONDS: Final = 5
+STREAM_MEDIA_TYPE: Final = "text/event-stream"
+
+
+class RequestBodyTimeout(HTTPException):
+    """The request body did not arrive in time (408).
+
+    Raised from ``receive`` inside the handler, so Litestar's exception handling
+    renders it in the usual error shape. ``Connection: close``: the rest of the body
+    may still be on its way, and it must not be read as the next request.
+    """
+
+    status_code = 408
+
+
+class StreamBudget:
+    """How many event streams are open in this process, and the most allowed."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.open = 0
+        self._metrics = metrics
+        metrics.max_streams.set(limit)
+
+    def acquire(self) -> bool:
+        if self.open >= self.limit:
+            self._metrics.streams_rejected.inc()
+            return False
+        self.open += 1
+        self._metrics.streams_active.set(self.open)
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+        self._metrics.streams_active.set(self.open)
+
+
+def connection_limits(
+    *, max_streams: int, body_timeout_seconds: float, metrics: Metrics
+) -> Callable[[ASGIApp], ASGIApp]:
+    """The middleware factory for ``Litestar(middleware=[...])``; one budget per app."""
+    budget = StreamBudget(max_streams, metrics)
+
+    def factory(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != ScopeType.HTTP:
+                await app(scope, receive, send)
+                return
+            receive = _with_body_deadline(receive, body_timeout_seconds, metrics)
+            handler = scope.get("route_handler")
+            if getattr(handler, "media_type", None) != STREAM_MEDIA_TYPE:
+                await app(scope, receive, send)
+                return
+            if not budget.acquire():
+                await _refuse_stream(send, budget.limit)
+                return
+            try:
+                await app(scope, receive, send)
+            finally:
+                budget.release()
+
+        return middleware
+
+    return factory
+
+
+def _with_body_deadline(receive: Receive, timeout: float, metrics: Metrics) -> Receive:
+    """``receive`` that gives up on the body ``timeout`` seconds from now.
+
+    Only the body is bounded: once its last chunk has arrived, later calls (a
+    stream waiting for the client to disconnect) wait as long as they like.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    body_done = False
+
+    async def timed_receive() -> ReceiveMessage:
+        nonlocal body_done
+        if body_done:
+            return await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            metrics.request_body_timeouts.inc()
+            raise RequestBodyTimeout(
+                detail=f"the request body did not arrive within {timeout:g}s",
+                headers={"Connection": "close"},
+            ) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            body_done = True
+        return message
+
+    return timed_receive
+
+
+async def _refuse_stream(send: Send, limit: int) -> None:
+    """503 + Retry-After in the shape of every other error."""
+    body = json_encoder.encode(
+        {
+            "status_code": 503,
+            "detail": f"this replica already serves its maximum of {limit} event streams; "
+            "retry later",
+        }
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(STREAM_RETRY_AFTER_SECONDS).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
