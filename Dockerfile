@@ -18,11 +18,23 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python3 -m venv /opt/quiesce
 
+# Dependencies first, from the lock: exact versions, every file checked against its
+# hash, nothing resolved at build time, so two builds of one commit install the same
+# bytes. The lock covers every platform (x86_64 and aarch64 wheels) and Python >= 3.11;
+# refresh it with the command in its header (see README.md, "Development"). This layer
+# is cached until the lock changes.
+COPY requirements.lock ./
+RUN /opt/quiesce/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
+
+# Then the project itself, without dependencies (all of them came from the lock);
+# `pip check` fails the build if the lock is missing one for this Python. (The build
+# backend, setuptools, is used for this step only and never reaches the image.)
+# pip byte-compiles the modules here, because the final image runs with a read-only
+# root filesystem.
 COPY pyproject.toml README.md ./
 COPY service ./service
-# Versions come from the ranges in pyproject.toml. pip byte-compiles the modules
-# here, because the final image runs with a read-only root filesystem.
-RUN /opt/quiesce/bin/pip install --no-cache-dir .
+RUN /opt/quiesce/bin/pip install --no-cache-dir --no-deps . \
+    && /opt/quiesce/bin/pip check
 
 
 FROM ${BASE_IMAGE}

@@ -48,14 +48,35 @@ def load_one(path: Path) -> dict[str, Any]:
     return docs[0]
 
 
+def apply_labels(objects: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> None:
+    """Kustomize's ``labels:`` transformer, for the options the base uses.
+
+    Each entry's pairs go on every object's metadata and, with ``includeTemplates``,
+    on pod templates; never on selectors (``includeSelectors`` stays false, which
+    the tests check). ``test_kustomize_builds_the_base_unchanged`` compares the
+    result with what ``kubectl kustomize`` builds, whenever kubectl is present.
+    """
+    for entry in entries:
+        assert not entry.get("includeSelectors", False), "selectors are written in the files"
+        pairs = {key: str(value) for key, value in entry["pairs"].items()}
+        for obj in objects.values():
+            obj["metadata"].setdefault("labels", {}).update(pairs)
+            template = obj.get("spec", {}).get("template")
+            if entry.get("includeTemplates", False) and template is not None:
+                template.setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
+
+
 @pytest.fixture(scope="module")
 def base() -> dict[str, dict[str, Any]]:
-    """The kustomize base's objects by kind, read from the files it lists."""
+    """The kustomize base's objects by kind, as it builds them: read from the files
+    it lists, with its ``labels:`` applied."""
+    kustomization = load_one(K8S / "kustomization.yaml")
     objects: dict[str, dict[str, Any]] = {}
-    for name in load_one(K8S / "kustomization.yaml")["resources"]:
+    for name in kustomization["resources"]:
         for doc in load_all(K8S / name):
             assert doc["kind"] not in objects, f"two {doc['kind']} objects in the base"
             objects[doc["kind"]] = doc
+    apply_labels(objects, kustomization.get("labels", []))
     return objects
 
 

@@ -173,7 +173,8 @@ def test_kustomize_builds_the_base_unchanged(base: dict[str, dict[str, Any]]) ->
     assert result.returncode == 0, result.stderr
     built = [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
     assert Counter(doc["kind"] for doc in built) == EXPECTED_KINDS
-    # The base has no transformers: what is applied is what the files say (and test).
+    # Its one transformer, `labels:`, is applied by the fixture the same way: what is
+    # applied is what the tests check.
     assert {doc["kind"]: doc for doc in built} == base
 
 
