@@ -1,0 +1,184 @@
+"""A Redis that lost its data (FLUSHALL, an empty restart) is noticed, and the runs
+this process is executing are written back and finish properly.
+
+Without the generation marker, such a run answers 404 for the rest of its life and
+its terminal write finds nothing; nothing in the logs or metrics says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+import structlog
+from litestar.testing import AsyncTestClient
+
+from service.config import Settings
+from service.web.app import create_app
+from tests.conftest import AUTH, RedisServer
+from tests.integration.support import Client, metric, metrics_text, services, sleep_body
+
+pytestmark = pytest.mark.slow
+
+#: The shortest lease the settings allow: the store checks its marker every ~1 s.
+SHORT_LEASE_SECONDS = 3.0
+
+
+@dataclass
+class Replica:
+    client: Client
+    #: What the app logged so far (structlog's capture, filled in as it logs).
+    logs: list[dict[str, Any]]
+
+
+async def replica(settings: Settings, server: RedisServer, lease: float) -> AsyncIterator[Replica]:
+    app = create_app(replace(settings, redis_url=server.url, lease_ttl_seconds=lease))
+    # After create_app, which configures logging: the capture replaces it.
+    with structlog.testing.capture_logs() as logs:
+        async with AsyncTestClient(app) as client:
+            client.headers.update(AUTH)
+            yield Replica(client, logs)
+
+
+@pytest.fixture
+async def app(settings: Settings, redis_server: RedisServer) -> AsyncIterator[Replica]:
+    async for instance in replica(settings, redis_server, SHORT_LEASE_SECONDS):
+        yield instance
+
+
+@pytest.fixture
+async def slow_lease_app(settings: Settings, redis_server: RedisServer) -> AsyncIterator[Replica]:
+    """Lease renewals 20 s apart: within a test, only a terminal write notices a reset."""
+    async for instance in replica(settings, redis_server, 60.0):
+        yield instance
+
+
+async def poll_run(client: Client, run_id: str, *, until: str, within: float) -> dict[str, Any]:
+    """The run's record once it is readable with status ``until`` (404s meanwhile)."""
+    deadline = time.monotonic() + within
+    last = None
+    while time.monotonic() < deadline:
+        response = await client.get(f"/v1/runs/{run_id}")
+        last = response.status_code, response.text
+        if response.status_code == 200 and response.json()["status"] == until:
+            record: dict[str, Any] = response.json()
+            return record
+        assert response.status_code in (200, 404), last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} not {until} after {within}s: {last}")
+
+
+async def event_types(client: Client, run_id: str) -> list[str]:
+    response = await client.get(f"/v1/runs/{run_id}/events")
+    assert response.status_code == 200, response.text
+    return [event["type"] for event in response.json()["events"]]
+
+
+def resets(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "store_reset"]
+
+
+async def started_run(client: Client, seconds: float) -> str:
+    created = await client.post("/v1/runs", json=sleep_body(seconds, 4))
+    assert created.status_code == 202, created.text
+    run_id: str = created.json()["run_id"]
+    assert (await client.get(f"/v1/runs/{run_id}")).status_code == 200
+    return run_id
+
+
+async def assert_restored_and_finished(
+    client: Client, server: RedisServer, run_id: str, logs: list[dict[str, Any]]
+) -> None:
+    # Written back while still running: readable, listed under its worker, leased.
+    running = await poll_run(client, run_id, until="running", within=5)
+    assert running["worker_id"] == "worker-a"
+    with server.client() as redis:
+        assert redis.sismember("quiesce:{worker:worker-a}:runs", run_id)
+        assert redis.get("quiesce:generation") is not None
+    finished = await poll_run(client, run_id, until="succeeded", within=10)
+    assert finished["output"] == {"slept": 4.0}
+    types = await event_types(client, run_id)
+    assert types[0] == "run_started"
+    assert types[-1] == "run_succeeded"
+    assert types.count("run_succeeded") == 1
+    (reset,) = resets(logs)
+    assert reset["log_level"] == "warning"
+    assert reset["old_generation"]
+    assert reset["old_generation"] != reset["generation"]
+    text = await metrics_text(client)
+    assert metric(text, "quiesce_store_resets_total") == 1
+    assert metric(text, "quiesce_runs_finished_total", task="sleep", status="succeeded") == 1
+
+
+async def test_flushall_during_a_run_is_noticed_and_the_run_finishes(
+    app: Replica, redis_server: RedisServer
+) -> None:
+    client = app.client
+    assert metric(await metrics_text(client), "quiesce_store_resets_total") == 0
+    run_id = await started_run(client, 4.0)
+    redis_server.flush()
+    assert (await client.get(f"/v1/runs/{run_id}")).status_code == 404  # gone, for now
+    await assert_restored_and_finished(client, redis_server, run_id, app.logs)
+
+
+async def test_an_empty_restart_during_a_run_is_noticed_and_the_run_finishes(
+    app: Replica, redis_server: RedisServer
+) -> None:
+    client = app.client
+    run_id = await started_run(client, 4.0)
+    redis_server.stop()
+    await asyncio.sleep(0.5)
+    redis_server.start()
+    await assert_restored_and_finished(client, redis_server, run_id, app.logs)
+
+
+async def test_a_run_ending_before_any_renewal_still_writes_its_end(
+    slow_lease_app: Replica, redis_server: RedisServer
+) -> None:
+    """No lease renewal comes between the flush and the run's end: the terminal write
+    finds its run gone, which is itself the sign of a reset."""
+    client = slow_lease_app.client
+    created = await client.post("/v1/runs", json=sleep_body(1.0))
+    run_id = created.json()["run_id"]
+    redis_server.flush()
+    record = await poll_run(client, run_id, until="succeeded", within=5)
+    assert record["output"] == {"slept": 1.0}
+    assert await event_types(client, run_id) == ["run_started", "run_succeeded"]
+    assert len(resets(slow_lease_app.logs)) == 1
+    assert metric(await metrics_text(client), "quiesce_store_resets_total") == 1
+
+
+async def test_a_store_that_keeps_its_data_reports_no_reset(app: Replica) -> None:
+    client = app.client
+    created = await client.post("/v1/runs", json=sleep_body(2.5, 2))
+    run_id = created.json()["run_id"]
+    await poll_run(client, run_id, until="succeeded", within=5)  # two renewals, at least
+    assert resets(app.logs) == []
+    assert metric(await metrics_text(client), "quiesce_store_resets_total") == 0
+
+
+async def test_a_repeated_idempotency_key_names_the_restored_run(
+    app: Replica, redis_server: RedisServer
+) -> None:
+    """The key's claim is lost with the data; a retry must not start a second run."""
+    client = app.client
+    body = sleep_body(3.0, 2)
+    headers = {"Idempotency-Key": "restored-key"}
+    first = await client.post("/v1/runs", json=body, headers=headers)
+    run_id = first.json()["run_id"]
+    redis_server.flush()
+    await poll_run(client, run_id, until="running", within=5)
+    other_app = create_app(replace(services(client).settings, worker_id="worker-b"))
+    async with AsyncTestClient(other_app) as other:  # another replica
+        other.headers.update(AUTH)
+        again = await other.post("/v1/runs", json=body, headers=headers)
+        assert again.status_code == 202, again.text
+        assert again.json()["run_id"] == run_id
+        assert again.json()["worker_id"] == "worker-a"
+        state = await other.get("/admin/state")
+        assert state.json()["active_count"] == 0
+    await poll_run(client, run_id, until="succeeded", within=5)
