@@ -420,7 +420,13 @@ class RedisRunStore:
                     self._restore_pending = False
 
     async def _restore(self, records: list[RunRecord]) -> None:
-        """Write running runs back as their create did (a run still there is kept)."""
+        """Write running runs back as their create did (a run still there is kept).
+
+        ``running()`` lists what the scheduler still holds. A run whose terminal write
+        won just before the reset, and that the scheduler has not let go of yet (one
+        loop turn), would come back as running; its lease list entry then lets the
+        reaper end it as worker_lost once this worker is gone.
+        """
         commands: list[Command] = []
         for record in records:
             if record.is_terminal:

@@ -168,3 +168,32 @@ async def test_start_up_warns_when_redis_may_lose_runs(settings: Settings) -> No
     assert warnings["maxmemory-policy"]["log_level"] == "warning"
     assert "set maxmemory-policy noeviction" in warnings["maxmemory-policy"]["detail"]
     assert "set appendonly yes" in warnings["persistence"]["detail"]
+
+
+def test_check_says_what_it_could_not_read_when_config_and_info_are_refused(
+    redis_server: RedisServer,
+) -> None:
+    """Managed Redis and tight ACLs refuse CONFIG (and sometimes INFO): the check still
+    passes, and says which settings it could not verify."""
+    with redis_server.client() as client:
+        client.acl_setuser(
+            "checker",
+            enabled=True,
+            passwords=["+pw-0123456789"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-config", "-info"],
+        )
+    try:
+        url = redis_server.url.replace("redis://", "redis://checker:pw-0123456789@")
+        result = run_cli("check", QUIESCE_REDIS_URL=url)
+    finally:
+        with redis_server.client() as client:
+            client.acl_deluser("checker")
+    assert result.returncode == 0, result.stderr
+    assert "store: redis reachable (version unknown)" in result.stdout
+    assert "redis: maxmemory-policy unknown; persistence rdb save unknown, aof unknown" in (
+        result.stdout
+    )
+    assert "warning: maxmemory-policy could not be checked" in result.stdout
+    assert "warning: persistence could not be checked" in result.stdout
