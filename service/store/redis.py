@@ -25,12 +25,13 @@ pipeline; notifications travel on Pub/Sub channels (``redis_listener``).
 Resets: ``quiesce:generation`` holds a random id, written once (no TTL) into an empty
 store. Redis restarted empty, flushed or evicting loses it with the runs, so the
 store reads it back with every lease renewal (in the same round trip), after every
-reconnect of its Pub/Sub connection, and whenever a terminal write finds its run
-gone. When it vanished or changed, the store logs ``store_reset`` once, tells its
-owner (the ``quiesce_store_resets_total`` counter) and writes the runs this process
-is executing back — record, ``run_started`` event and worker list, as their create
-did — so they stay readable and their terminal write succeeds. Their progress
-events from before the reset are lost, and so is every other run.
+reconnect of its Pub/Sub connection, and whenever a progress event or a terminal
+write finds its run gone. When it vanished or changed, the store logs
+``store_reset`` once, tells its owner (the ``quiesce_store_resets_total`` counter)
+and writes the runs this process is executing back — record, ``run_started`` event
+and worker list, as their create did — so they stay readable and their terminal
+write succeeds. Their progress events from before the reset are lost, and so is
+every other run.
 """
 
 from __future__ import annotations
@@ -304,10 +305,13 @@ class RedisRunStore:
 
     async def append(self, run_id: str, event: RunProgress) -> str | None:
         args = [json_encoder.encode(event), self._max_events, EVENTS_CHANNEL_PREFIX + run_id]
-        (reply,) = await self._call(
-            "append", [_script("append", [run_key(run_id), events_key(run_id)], args)]
-        )
-        return None if reply is None else reply.decode()
+        command = _script("append", [run_key(run_id), events_key(run_id)], args)
+        (reply,) = await self._call("append", [command])
+        if reply == -1:
+            # The run is gone: if the store was reset, it is written back; then again.
+            await self._check_generation()
+            (reply,) = await self._call("append", [command])
+        return None if reply is None or reply == -1 else reply.decode()
 
     async def finalize(self, record: RunRecord) -> bool:
         run_id = record.run_id

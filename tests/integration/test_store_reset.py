@@ -18,9 +18,18 @@ import structlog
 from litestar.testing import AsyncTestClient
 
 from service.config import Settings
+from service.store.redis import RedisRunStore
 from service.web.app import create_app
 from tests.conftest import AUTH, RedisServer
 from tests.integration.support import Client, metric, metrics_text, services, sleep_body
+from tests.integration.test_store_contract import (
+    event_types as store_event_types,
+)
+from tests.integration.test_store_contract import (
+    running_record,
+    started,
+    terminal,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +61,7 @@ async def app(settings: Settings, redis_server: RedisServer) -> AsyncIterator[Re
 
 @pytest.fixture
 async def slow_lease_app(settings: Settings, redis_server: RedisServer) -> AsyncIterator[Replica]:
-    """Lease renewals 20 s apart: within a test, only a terminal write notices a reset."""
+    """Lease renewals 20 s apart: within a test, only the run's own writes notice a reset."""
     async for instance in replica(settings, redis_server, 60.0):
         yield instance
 
@@ -136,20 +145,28 @@ async def test_an_empty_restart_during_a_run_is_noticed_and_the_run_finishes(
     await assert_restored_and_finished(client, redis_server, run_id, app.logs)
 
 
-async def test_a_run_ending_before_any_renewal_still_writes_its_end(
-    slow_lease_app: Replica, redis_server: RedisServer
+async def test_a_terminal_write_that_finds_its_run_gone_writes_it_back_first(
+    redis_store: RedisRunStore, redis_server: RedisServer
 ) -> None:
-    """No lease renewal comes between the flush and the run's end: the terminal write
-    finds its run gone, which is itself the sign of a reset."""
-    client = slow_lease_app.client
-    created = await client.post("/v1/runs", json=sleep_body(1.0))
-    run_id = created.json()["run_id"]
+    """No lease renewal and no progress event between the reset and the run's end: the
+    terminal write itself finds the run gone, which is the sign of a reset."""
+    record = running_record()
+    resets_seen: list[None] = []
+    redis_store.on_reset(running=lambda: [record], reset=lambda: resets_seen.append(None))
+    await redis_store.create(record, started(record))
+    await redis_store.heartbeat("worker-a", 60)  # the generation is known
     redis_server.flush()
-    record = await poll_run(client, run_id, until="succeeded", within=5)
-    assert record["output"] == {"slept": 1.0}
-    assert await event_types(client, run_id) == ["run_started", "run_succeeded"]
-    assert len(resets(slow_lease_app.logs)) == 1
-    assert metric(await metrics_text(client), "quiesce_store_resets_total") == 1
+    assert await redis_store.get(record.run_id) is None
+
+    assert await redis_store.finalize(terminal(record, "succeeded")) is True
+    stored = await redis_store.get(record.run_id)
+    assert stored is not None
+    assert stored.status == "succeeded"
+    assert await store_event_types(redis_store, record.run_id) == ["run_started", "run_succeeded"]
+    assert resets_seen == [None]
+    # Noticed once: the marker is back, so the next renewal finds nothing to report.
+    await redis_store.heartbeat("worker-a", 60)
+    assert resets_seen == [None]
 
 
 async def test_a_store_that_keeps_its_data_reports_no_reset(app: Replica) -> None:
@@ -182,3 +199,21 @@ async def test_a_repeated_idempotency_key_names_the_restored_run(
         state = await other.get("/admin/state")
         assert state.json()["active_count"] == 0
     await poll_run(client, run_id, until="succeeded", within=5)
+
+
+async def test_a_progress_event_after_a_reset_writes_the_run_back_and_is_kept(
+    slow_lease_app: Replica, redis_server: RedisServer
+) -> None:
+    """No lease renewal before the run's next progress event: that append finds its run
+    gone, the run is written back at once, and the event is not lost."""
+    client = slow_lease_app.client
+    created = await client.post("/v1/runs", json=sleep_body(2.0, 4))
+    run_id = created.json()["run_id"]
+    redis_server.flush()  # before the first step ends (0.5 s)
+    await poll_run(client, run_id, until="running", within=1.5)  # back before its end (2 s)
+    await poll_run(client, run_id, until="succeeded", within=5)
+    response = await client.get(f"/v1/runs/{run_id}/events")
+    events = response.json()["events"]
+    assert [e["type"] for e in events] == ["run_started", *["run_progress"] * 4, "run_succeeded"]
+    assert [e["data"]["step"] for e in events[1:5]] == [1, 2, 3, 4]
+    assert len(resets(slow_lease_app.logs)) == 1
