@@ -62,8 +62,11 @@ class ServerReport:
         return f"rdb save {rdb}, aof {aof}"
 
     def warnings(self) -> list[tuple[str, str]]:
-        """(setting, what to do) for each setting that may lose runs."""
+        """(setting, what to do) for each setting that may lose runs (or a server too old)."""
         found: list[tuple[str, str]] = []
+        if self.version is not None and version_tuple(self.version) < MIN_REDIS_VERSION:
+            minimum = ".".join(map(str, MIN_REDIS_VERSION))
+            found.append(("version", f"{self.version} is too old: use Redis {minimum} or later"))
         if self.eviction_policy is None:
             found.append(
                 (
@@ -129,7 +132,7 @@ async def self_check(redis: Redis, scripts: Iterable[LuaScript], probe_key: str)
     try:
         await redis.ping()
         report = await inspect(redis)
-        if report.version is not None and _version(report.version) < MIN_REDIS_VERSION:
+        if report.version is not None and version_tuple(report.version) < MIN_REDIS_VERSION:
             minimum = ".".join(map(str, MIN_REDIS_VERSION))
             raise CheckFailed(f"version {report.version} is too old: {minimum} or later is needed")
         await _probe(redis, probe_key)
@@ -178,7 +181,8 @@ def _read_only_script(scripts: Iterable[LuaScript]) -> LuaScript:
     return next(script for script in scripts if script.name == "expired")
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
+    """``"7.0.15"`` → ``(7, 0)``: the major and minor version, to compare."""
     parts = []
     for part in text.split(".")[:2]:
         parts.append(int(part) if part.isdigit() else 0)
