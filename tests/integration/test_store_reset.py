@@ -217,3 +217,33 @@ async def test_a_progress_event_after_a_reset_writes_the_run_back_and_is_kept(
     assert [e["type"] for e in events] == ["run_started", *["run_progress"] * 4, "run_succeeded"]
     assert [e["data"]["step"] for e in events[1:5]] == [1, 2, 3, 4]
     assert len(resets(slow_lease_app.logs)) == 1
+
+
+async def test_each_replica_notices_once_and_writes_back_only_its_own_runs(
+    settings: Settings, redis_server: RedisServer
+) -> None:
+    app_a = create_app(replace(settings, redis_url=redis_server.url, lease_ttl_seconds=3))
+    app_b = create_app(
+        replace(settings, redis_url=redis_server.url, lease_ttl_seconds=3, worker_id="worker-b")
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with AsyncTestClient(app_a) as a, AsyncTestClient(app_b) as b:
+            a.headers.update(AUTH)
+            b.headers.update(AUTH)
+            run_a = await started_run(a, 3.0)
+            run_b = await started_run(b, 3.0)
+            redis_server.flush()
+            for client, run_id in ((a, run_a), (b, run_b)):
+                await poll_run(client, run_id, until="succeeded", within=8)
+            # Each run ended on its own worker, which took it off its list.
+            lists = ("quiesce:{worker:worker-a}:runs", "quiesce:{worker:worker-b}:runs")
+            with redis_server.client() as redis:
+                deadline = time.monotonic() + 2
+                while redis.exists(*lists):
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            for client in (a, b):
+                assert metric(await metrics_text(client), "quiesce_store_resets_total") == 1
+            record_b = (await a.get(f"/v1/runs/{run_b}")).json()
+            assert record_b["worker_id"] == "worker-b"
+    assert len(resets(logs)) == 2
