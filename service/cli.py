@@ -6,8 +6,11 @@
   worker exits the process, so Kubernetes restarts the pod), and connection limits
   that leave room for probes beside every stream the replica admits (see
   :func:`granian_backpressure`).
-* ``quiesce check`` — validate the configuration and reach the store; exit 0 when
-  both are fine (for an init container, or by hand).
+* ``quiesce check`` — validate the configuration and prove the store works: with
+  Redis, a probe key written, read and deleted, every Lua script loaded and one
+  called; it prints the Redis version, eviction policy and persistence, and a
+  warning for each setting that may lose runs. Exit 0 when all is fine (warnings
+  included), else 1 with a one-line reason (for an init container, or by hand).
 * ``quiesce drain`` — the preStop hook: start the drain of the local server and
   wait until it has finished, at most ``--timeout`` seconds.
 
@@ -123,30 +126,45 @@ def serve(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     from service.store import open_store
+    from service.store.redis import RedisRunStore
+    from service.store.redis_server import CheckFailed, ServerReport
     from service.tasks.loader import build_registry
 
     settings = Settings.from_env(os.environ)
     registry = build_registry(settings)
     print(f"configuration: ok (worker {settings.worker_id}, port {settings.port})")
     print(f"tasks: {', '.join(t.name for t in registry)}")
-    if settings.redis_url is None:
+    store = open_store(settings)
+    if not isinstance(store, RedisRunStore):
         print("store: memory (QUIESCE_REDIS_URL is not set)")
         return 0
 
-    async def ping() -> None:
-        store = open_store(settings)
+    async def deep_check() -> ServerReport:
         try:
-            await asyncio.wait_for(store.ping(), args.timeout)
+            return await asyncio.wait_for(store.self_check(), args.timeout)
+        except TimeoutError as exc:
+            raise CheckFailed(f"unreachable: no answer within {args.timeout:g}s") from exc
         finally:
             await store.close()
 
     try:
-        asyncio.run(ping())
-    except Exception as exc:
-        print(f"store: redis unreachable: {exc or type(exc).__name__}", file=sys.stderr)
-        return EXIT_FAILED
-    print("store: redis reachable")
-    return 0
+        report = asyncio.run(deep_check())
+    except CheckFailed as exc:
+        reason = str(exc)
+    except Exception as exc:  # anything else still gets one line, never a traceback
+        reason = f"check failed: {type(exc).__name__}: {exc}"
+    else:
+        print(
+            f"store: redis reachable (version {report.version or 'unknown'}); "
+            "probe key written, read and deleted; scripts loaded"
+        )
+        policy = report.eviction_policy or "unknown"
+        print(f"redis: maxmemory-policy {policy}; persistence {report.persistence()}")
+        for setting, detail in report.warnings():
+            print(f"warning: {setting} {detail}")
+        return 0
+    print(f"store: redis {' '.join(reason.split())}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def drain(args: argparse.Namespace) -> int:
@@ -198,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     serve_cmd.set_defaults(run=serve)
 
-    check_cmd = commands.add_parser("check", help="validate the configuration and reach the store")
+    check_cmd = commands.add_parser(
+        "check", help="validate the configuration and prove the store works"
+    )
     check_cmd.add_argument("--timeout", type=float, default=5.0, help="store timeout (seconds)")
     check_cmd.set_defaults(run=check)
 

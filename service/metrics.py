@@ -94,6 +94,11 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.store_resets = Counter(
+            "quiesce_store_resets_total",
+            "Times the store was found reset (its generation marker vanished or changed).",
+            registry=r,
+        )
         self.orphans_reaped = Counter(
             "quiesce_orphans_reaped_total",
             "Runs of lost workers finalized as worker_lost by this replica.",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Final, Protocol
 
@@ -111,6 +111,17 @@ class RunStore(Protocol):
 
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
         """Deliver cancel requests for runs owned by ``worker_id``. Call before start()."""
+
+    def on_reset(
+        self, running: Callable[[], Collection[RunRecord]], reset: Callable[[], None]
+    ) -> None:
+        """Survive a store that lost its data (restarted empty, flushed, evicting).
+
+        When the store notices such a reset it calls ``reset()`` once and writes the
+        ``running()`` runs back (record, ``run_started`` event, worker list), so they
+        stay readable and their terminal write succeeds. A store that cannot be reset
+        behind the process's back (the memory store) ignores this. Call before start().
+        """
 
     async def claim_idempotency(
         self, run_id: str, fingerprint: str, token: str

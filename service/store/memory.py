@@ -13,7 +13,7 @@ import asyncio
 import heapq
 import time
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -66,6 +66,11 @@ class MemoryRunStore:
 
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
         self._listeners[worker_id] = listener
+
+    def on_reset(
+        self, running: Callable[[], Collection[RunRecord]], reset: Callable[[], None]
+    ) -> None:
+        """Nothing to do: this store lives and dies with the process."""
 
     # --- creation -------------------------------------------------------------
 

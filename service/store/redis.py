@@ -21,12 +21,25 @@ While a run is running its keys live for retention plus its timeout (so a long r
 does not expire under its owner); the terminal write resets them to the retention.
 Every state change is one Lua script (``lua/``) sent through the group-commit
 pipeline; notifications travel on Pub/Sub channels (``redis_listener``).
+
+Resets: ``quiesce:generation`` holds a random id, written once (no TTL) into an empty
+store. Redis restarted empty, flushed or evicting loses it with the runs, so the
+store reads it back with every lease renewal (in the same round trip), after every
+reconnect of its Pub/Sub connection, and whenever a progress event or a terminal
+write finds its run gone. When it vanished or changed, the store logs
+``store_reset`` once, tells its owner (the ``quiesce_store_resets_total`` counter)
+and writes the runs this process is executing back — record, ``run_started`` event
+and worker list, as their create did — so they stay readable and their terminal
+write succeeds. Their progress events from before the reset are lost, and so is
+every other run.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+import contextlib
+import secrets
+from collections.abc import Callable, Collection, Coroutine
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, Final
@@ -37,6 +50,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from service.errors import (
     IdempotencyInProgress,
@@ -49,6 +63,7 @@ from service.schemas import (
     RunProgress,
     RunRecord,
     RunStarted,
+    RunStartedData,
     event_decoder,
     json_encoder,
     record_decoder,
@@ -64,6 +79,7 @@ from service.store.base import (
 )
 from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
 from service.store.redis_listener import NotificationListener
+from service.store.redis_server import ServerReport, inspect, probe_key, self_check
 
 log = structlog.get_logger(__name__)
 
@@ -85,10 +101,11 @@ _SCRIPTS: Final = {
     name: LuaScript.load(name)
     for name in (
         "claim", "release", "create", "append", "finalize", "cancel",
-        "heartbeat", "expired", "forget", "discard",
+        "heartbeat", "expired", "forget", "discard", "generation",
     )
 }  # fmt: skip
 WORKERS_KEY: Final = "quiesce:workers"
+GENERATION_KEY: Final = "quiesce:generation"
 #: The most expired workers one reaper pass looks at.
 EXPIRED_BATCH: Final = 100
 #: After a refused write: how often its undo is tried.
@@ -124,6 +141,14 @@ class RedisRunStore:
         self._on_error = on_error
         self._to_unlist: dict[str, list[str]] = {}
         self._unlisting: asyncio.Future[None] | None = None
+        #: The generation this process has seen (None: not read yet).
+        self._generation: str | None = None
+        #: A reset was noticed and the running runs are not all written back yet.
+        self._restore_pending = False
+        self._generation_lock = asyncio.Lock()
+        self._running: Callable[[], Collection[RunRecord]] = tuple
+        self._on_reset: Callable[[], None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
         self._redis = Redis.from_pool(
@@ -168,8 +193,16 @@ class RedisRunStore:
 
     async def start(self) -> None:
         await self._listener.start()
+        # Not awaited: a Redis that is away at start must not delay it (the first
+        # lease renewal reads the generation then).
+        self._spawn(self._check_generation())
+        self._spawn(self._warn_about_server())
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(self._background)
         if self._unlisting is not None:
             await asyncio.wait([self._unlisting])
         await self._commands.close()
@@ -180,7 +213,17 @@ class RedisRunStore:
         await self._call("ping", [("PING",)])
 
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
-        self._listener.listen_for_cancels(worker_id, listener)
+        # Every (re)connect of the Pub/Sub connection resyncs the listener: the
+        # moment a restarted Redis is back, so the generation is read then too.
+        self._listener.listen_for_cancels(
+            worker_id, _AlsoOnResync(listener, lambda: self._spawn(self._check_generation()))
+        )
+
+    def on_reset(
+        self, running: Callable[[], Collection[RunRecord]], reset: Callable[[], None]
+    ) -> None:
+        self._running = running
+        self._on_reset = reset
 
     # --- creation -----------------------------------------------------------------
 
@@ -205,6 +248,18 @@ class RedisRunStore:
         await self._call("release", [_script("release", [run_key(run_id)], [token])])
 
     async def create(self, record: RunRecord, started: RunStarted) -> None:
+        # Listed under its worker first, so a running run can always be found by the
+        # reaper; both in one pipeline, in this order.
+        await self._call(
+            "create",
+            [
+                ("SADD", worker_runs_key(record.worker_id), record.run_id),
+                self._create_command(record, started),
+            ],
+            undo=partial(self._undo, "create", partial(self._discard, record)),
+        )
+
+    def _create_command(self, record: RunRecord, started: RunStarted) -> Command:
         run_id = record.run_id
         ttl = int(self._retention + record.timeout_seconds) + RUNNING_TTL_MARGIN_SECONDS
         args = [
@@ -215,16 +270,7 @@ class RedisRunStore:
             self._max_events,
             EVENTS_CHANNEL_PREFIX + run_id,
         ]
-        # Listed under its worker first, so a running run can always be found by the
-        # reaper; both in one pipeline, in this order.
-        await self._call(
-            "create",
-            [
-                ("SADD", worker_runs_key(record.worker_id), run_id),
-                _script("create", [run_key(run_id), events_key(run_id)], args),
-            ],
-            undo=partial(self._undo, "create", partial(self._discard, record)),
-        )
+        return _script("create", [run_key(run_id), events_key(run_id)], args)
 
     # --- reads --------------------------------------------------------------------
 
@@ -259,10 +305,13 @@ class RedisRunStore:
 
     async def append(self, run_id: str, event: RunProgress) -> str | None:
         args = [json_encoder.encode(event), self._max_events, EVENTS_CHANNEL_PREFIX + run_id]
-        (reply,) = await self._call(
-            "append", [_script("append", [run_key(run_id), events_key(run_id)], args)]
-        )
-        return None if reply is None else reply.decode()
+        command = _script("append", [run_key(run_id), events_key(run_id)], args)
+        (reply,) = await self._call("append", [command])
+        if reply == -1:
+            # The run is gone: if the store was reset, it is written back; then again.
+            await self._check_generation()
+            (reply,) = await self._call("append", [command])
+        return None if reply is None or reply == -1 else reply.decode()
 
     async def finalize(self, record: RunRecord) -> bool:
         run_id = record.run_id
@@ -274,12 +323,15 @@ class RedisRunStore:
             self._max_events,
             EVENTS_CHANNEL_PREFIX + run_id,
         ]
-        (won,) = await self._call(
-            "finalize", [_script("finalize", [run_key(run_id), events_key(run_id)], args)]
-        )
+        command = _script("finalize", [run_key(run_id), events_key(run_id)], args)
+        (won,) = await self._call("finalize", [command])
+        if won == -1:
+            # The run is gone: if the store was reset, it is written back; then again.
+            await self._check_generation()
+            (won,) = await self._call("finalize", [command])
         # Unlisted only once terminal (a crash in between leaves the reaper a no-op).
         self._unlist_soon(record.worker_id, run_id)
-        return bool(won)
+        return bool(won == 1)
 
     async def request_cancel(self, run_id: str) -> CancelOutcome:
         (reply,) = await self._call(
@@ -293,9 +345,14 @@ class RedisRunStore:
     # --- worker leases --------------------------------------------------------------
 
     async def heartbeat(self, worker_id: str, ttl_seconds: float) -> None:
-        await self._call(
-            "heartbeat", [_script("heartbeat", [WORKERS_KEY], [worker_id, int(ttl_seconds * 1000)])]
+        _, generation = await self._call(
+            "heartbeat",
+            [
+                _script("heartbeat", [WORKERS_KEY], [worker_id, int(ttl_seconds * 1000)]),
+                self._generation_command(),
+            ],
         )
+        await self._settle_generation(generation.decode())
 
     async def retire(self, worker_id: str) -> None:
         await self._call("retire", [("ZREM", WORKERS_KEY, worker_id)])
@@ -317,7 +374,92 @@ class RedisRunStore:
         commands.append(_script("forget", [WORKERS_KEY], [worker_id]))
         await self._call("forget", commands)
 
+    # --- the server and its generation -------------------------------------------
+
+    async def server_report(self) -> ServerReport:
+        """Version, eviction policy and persistence, as far as the server tells."""
+        return await inspect(self._redis)
+
+    async def self_check(self) -> ServerReport:
+        """The deep check behind ``quiesce check`` (see redis_server); raises CheckFailed."""
+        return await self_check(self._redis, _SCRIPTS.values(), probe_key())
+
+    def _generation_command(self) -> Command:
+        return _script("generation", [GENERATION_KEY], [secrets.token_hex(8)])
+
+    async def _check_generation(self) -> None:
+        """Read the generation marker (writing it into an empty store) and act on it."""
+        with contextlib.suppress(StoreUnavailable):
+            (generation,) = await self._call("generation", [self._generation_command()])
+            await self._settle_generation(generation.decode())
+
+    async def _settle_generation(self, generation: str) -> None:
+        """Compare with the generation seen before; after a reset, restore the runs.
+
+        Serialized, so concurrent checks (a lease renewal, a reconnect, a terminal
+        write) report one reset once; a restore that fails is retried by the next.
+        """
+        async with self._generation_lock:
+            previous = self._generation
+            if previous is not None and generation != previous:
+                runs = list(self._running())
+                log.warning(
+                    "store_reset",
+                    old_generation=previous,
+                    generation=generation,
+                    running_runs=len(runs),
+                    detail="the store lost its data (empty restart, FLUSHALL or eviction); "
+                    "runs executing here are written back, every other run is gone",
+                )
+                if self._on_reset is not None:
+                    self._on_reset()
+                self._restore_pending = True
+            self._generation = generation
+            if self._restore_pending:
+                try:
+                    await self._restore(list(self._running()))
+                except StoreUnavailable as exc:
+                    log.warning("store_restore_failed", error=str(exc))  # the next check retries
+                else:
+                    self._restore_pending = False
+
+    async def _restore(self, records: list[RunRecord]) -> None:
+        """Write running runs back as their create did (a run still there is kept).
+
+        ``running()`` lists what the scheduler still holds. A run whose terminal write
+        won just before the reset, and that the scheduler has not let go of yet (one
+        loop turn), would come back as running; its lease list entry then lets the
+        reaper end it as worker_lost once this worker is gone.
+        """
+        commands: list[Command] = []
+        for record in records:
+            if record.is_terminal:
+                continue
+            started = RunStarted(
+                created_at=record.created_at, data=RunStartedData(worker_id=record.worker_id)
+            )
+            commands.append(("SADD", worker_runs_key(record.worker_id), record.run_id))
+            commands.append(self._create_command(record, started))
+        if commands:
+            await self._call("restore", commands)
+        log.info("store_runs_restored", runs=len(commands) // 2)
+
+    async def _warn_about_server(self) -> None:
+        """Start-up warnings for a server that may lose runs (see redis_server)."""
+        try:
+            report = await asyncio.wait_for(self.server_report(), CALL_TIMEOUT_SECONDS * 2)
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("redis_settings_unchecked", error=str(exc) or type(exc).__name__)
+            return
+        for setting, detail in report.warnings():
+            log.warning("redis_setting_warning", setting=setting, detail=f"{setting} {detail}")
+
     # --- internals ----------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _call(
         self, operation: str, commands: list[Command], *, undo: Undo | None = None
@@ -371,6 +513,21 @@ class RedisRunStore:
         )
         if removed:
             log.warning("late_create_discarded", run_id=run_id)
+
+
+class _AlsoOnResync:
+    """A CancelListener that also runs ``hook`` on every resync (each reconnect)."""
+
+    def __init__(self, inner: CancelListener, hook: Callable[[], None]) -> None:
+        self._inner = inner
+        self._hook = hook
+
+    def cancel_requested(self, run_id: str) -> None:
+        self._inner.cancel_requested(run_id)
+
+    def resync(self) -> None:
+        self._inner.resync()
+        self._hook()
 
 
 def _script(name: str, keys: list[str], args: list[Any]) -> Command:

@@ -93,6 +93,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 on_finished=callbacks.send,
             )
             lifecycle = Lifecycle(scheduler, grace_seconds=settings.shutdown_grace_seconds)
+            store.on_reset(
+                running=lambda: [record for record, _ in scheduler.active_runs()],
+                reset=app_metrics.store_resets.inc,
+            )
             await store.start()
             reaper = Reaper(
                 store=store,

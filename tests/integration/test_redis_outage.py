@@ -178,8 +178,17 @@ async def test_a_redis_that_stops_answering_is_503_within_seconds(
     while (await client.get("/readyz")).status_code != 200:
         assert time.monotonic() < deadline, "readiness did not recover within 5 s"
         await asyncio.sleep(0.05)
-    # The client's retry of the refused create is admitted and runs.
-    retried = await client.post("/v1/runs", json=sleep_body(0), headers={"Idempotency-Key": key})
+    # The client's retry of the refused create is admitted and runs. The refused
+    # create's claim lands when Redis thaws and is released by its undo a moment later
+    # (its first try may time out with the freeze); meanwhile the key answers 409.
+    deadline = time.monotonic() + 5
+    while (
+        retried := await client.post(
+            "/v1/runs", json=sleep_body(0), headers={"Idempotency-Key": key}
+        )
+    ).status_code == 409:
+        assert time.monotonic() < deadline, "the refused create's claim was never released"
+        await asyncio.sleep(0.1)
     assert retried.status_code == 202, retried.text
     assert retried.json()["run_id"] == run_id_for_key(key)
     assert (await wait_for_run(client, run_id_for_key(key)))["status"] == "succeeded"

@@ -4,6 +4,12 @@
 -- Returns {"claimed"} | {"mismatch"} | {"pending"} | {"replay", initial_record_json}
 local fingerprint = redis.call('HGET', KEYS[1], 'fingerprint')
 if not fingerprint then
+  -- A run written back after a store reset has lost its claim: the key still
+  -- names that run (never a second one).
+  local restored = redis.call('HGET', KEYS[1], 'record')
+  if restored then
+    return {'replay', restored}
+  end
   redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'token', ARGV[3])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return {'claimed'}

@@ -3,10 +3,14 @@
 -- ARGV[1] terminal record json, ARGV[2] terminal status, ARGV[3] terminal event json,
 -- ARGV[4] retention ttl (s), ARGV[5] max events, ARGV[6] events channel
 -- Returns 1 when this finalization won (also when the same write is repeated after a
--- lost reply), 0 when another terminal state was already there or the run is gone.
+-- lost reply), 0 when another terminal state was already there, -1 when the run is
+-- gone (the store may have been reset: the caller restores its runs and tries again).
 local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return -1
+end
 if status ~= 'running' then
-  if status and redis.call('HGET', KEYS[1], 'record') == ARGV[1] then
+  if redis.call('HGET', KEYS[1], 'record') == ARGV[1] then
     return 1
   end
   return 0
