@@ -474,7 +474,7 @@ class Scheduler:
         deadline = loop.time() + DRAIN_FINALIZE_BUDGET_SECONDS
         leftovers = list(self._runs.values())
         log.info("drain_cancelling", runs=len(leftovers))
-        stopping: list[_ActiveRun] = []
+        stopping: list[tuple[_ActiveRun, RunRecord]] = []
         for active in leftovers:
             if active.outcome is not None:
                 continue  # its supervisor is writing it
@@ -484,17 +484,24 @@ class Scheduler:
                 progress.cancelled += 1
             if active.supervisor is None:
                 continue  # being admitted: it finalizes as soon as it starts
-            active.outcome = self._stopped_record(active, active.cancel_reason)
+            record = active.outcome = self._stopped_record(active, active.cancel_reason)
             active.supervisor.cancel()  # it cancels the task function and frees the slot
-            stopping.append(active)
+            stopping.append((active, record))
         # Progress the runs emitted before they were stopped is written first (usually
         # nothing is pending); half the budget at most, the rest is for the writes.
-        flushes = [asyncio.ensure_future(a.outbox.close()) for a in stopping if a.outbox.pending]
+        flushes = [
+            asyncio.ensure_future(active.outbox.close())
+            for active, _ in stopping
+            if active.outbox.pending
+        ]
         if flushes:
-            await asyncio.wait(flushes, timeout=(deadline - loop.time()) / 2)
-        records = [active.outcome for active in stopping if active.outcome is not None]
-        answers = await self._finisher.finish_many(records, within=deadline - loop.time())
-        for active, answer in zip(stopping, answers, strict=True):
+            _, late = await asyncio.wait(flushes, timeout=(deadline - loop.time()) / 2)
+            for flush in late:
+                flush.cancel()  # (the sender goes on until the terminal write is made)
+        answers = await self._finisher.finish_many(
+            [record for _, record in stopping], within=deadline - loop.time()
+        )
+        for (active, _), answer in zip(stopping, answers, strict=True):
             active.settled = answer is not None
         await self._wait_for_runs(max(0.0, deadline - loop.time()))
         for active in leftovers:
