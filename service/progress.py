@@ -93,7 +93,9 @@ class ProgressOutbox:
         self._closed = True
         self._room.set()  # an emit waiting for room returns False
         if self._sender is not None:
-            await asyncio.shield(self._sender)
+            # (wait, not await: neither the sender's fate nor a cancel of the caller
+            # crosses over; the terminal write must follow either way)
+            await asyncio.wait([self._sender])
 
     def abandon(self) -> None:
         """Take no more events and stop sending (the run is finalized, or the process
@@ -102,7 +104,7 @@ class ProgressOutbox:
         self._room.set()
         if self._sender is not None:
             self._sender.cancel()
-        self._drop("the run was finalized first")
+        self._drop("the run ended before the store took them")
 
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
