@@ -6,7 +6,8 @@ node) cannot. So every worker holds a lease in the store, renewed every third of
 for workers whose lease expired and finalizes each of their unfinished runs as
 ``failed`` with reason ``worker_lost``. Reapers on several replicas may race; the
 store's terminal compare-and-set lets exactly one write win, and only winners are
-counted in ``quiesce_orphans_reaped_total``.
+counted in ``quiesce_orphans_reaped_total`` (and, like every finalized run, by
+``service.finish``: the run's metrics, its ``run_finished`` line, its callback).
 
 A process also reaps its *own* worker id once at start: runs listed under it then
 were left by an earlier process with the same id (a restarted container keeps its
@@ -29,6 +30,7 @@ import msgspec
 import structlog
 
 from service.errors import StoreUnavailable
+from service.finish import Finisher
 from service.metrics import Metrics
 from service.schemas import RunError, RunRecord, utcnow
 from service.store import RunStore
@@ -48,7 +50,7 @@ class Reaper:
         on_finished: Callable[[RunRecord], None] | None = None,
     ) -> None:
         self._store = store
-        self._on_finished = on_finished
+        self._finisher = Finisher(store=store, metrics=metrics, on_finished=on_finished, now=now)
         self._metrics = metrics
         self._worker_id = worker_id
         self._ttl = lease_ttl_seconds
@@ -114,13 +116,9 @@ class Reaper:
                 updated_at=now,
                 finished_at=now,
             )
-            if await self._store.finalize(terminal):
+            if await self._finisher.finish(terminal):
                 won += 1
-                if self._on_finished is not None:
-                    self._on_finished(terminal)
                 self._metrics.orphans_reaped.inc()
-                self._metrics.runs_finished.labels(record.task, "failed").inc()
-                self._metrics.run_failures.labels(record.task, "worker_lost").inc()
                 log.warning("run_reaped", run_id=run_id, task=record.task, lost_worker=worker_id)
         await self._store.forget(worker_id, run_ids)
         return won

@@ -15,7 +15,9 @@ rules:
   enforces the deadline, reacts to cancel requests, and finalizes the run exactly
   once through the store's compare-and-set. The outcome is decided in one place:
   if the task function has finished, its result stands; otherwise the first reason
-  to stop it (user cancel, shutdown, timeout) does.
+  to stop it (user cancel, shutdown, timeout) does. The run's progress events go
+  through its outbox (``service.progress``), which is flushed before the terminal
+  write; the write itself, and what follows it, is ``service.finish``.
 * **Drain**: refuse new runs at once (``begin_drain``, synchronous), wait up to the
   grace for active runs, cancel the rest as ``failed``/``shutdown``, and return only
   when every run of this process has been written terminal (or the bounded
@@ -46,11 +48,12 @@ from service.errors import (
     IdempotencyMismatch,
     StoreUnavailable,
 )
+from service.finish import Finisher
 from service.metrics import Metrics
+from service.progress import ProgressOutbox
 from service.schemas import (
     CreateRunRequest,
     RunError,
-    RunProgress,
     RunRecord,
     RunStarted,
     RunStartedData,
@@ -72,7 +75,6 @@ CANCEL_WAIT_SECONDS: Final = 0.5
 #: With the server's own stop (about 0.2 s) this keeps "drain start to exit" within
 #: grace + 2 s; bench/drain_timing.py shows 5,000 runs written in about 1.3 s.
 DRAIN_FINALIZE_BUDGET_SECONDS: Final = 1.5
-FINALIZE_RETRY_MAX_SECONDS: Final = 5.0
 
 _OUTCOME_MESSAGES: Final[dict[CancelReason, tuple[RunStatus, str]]] = {
     # reason → (status, message)
@@ -122,6 +124,8 @@ class _ActiveRun:
     params: msgspec.Struct
     admitted_at: float
     deadline: float
+    #: Its progress events not yet written.
+    outbox: ProgressOutbox
     cancel_reason: CancelReason | None = None
     #: Resolved by a cancel request, to wake the supervisor.
     wake: asyncio.Future[None] | None = None
@@ -163,7 +167,7 @@ class Scheduler:
         on_finished: Callable[[RunRecord], None] | None = None,
     ) -> None:
         self._store = store
-        self._on_finished = on_finished
+        self._finisher = Finisher(store=store, metrics=metrics, on_finished=on_finished, now=now)
         self._registry = registry
         self._metrics = metrics
         self._http = http
@@ -277,6 +281,7 @@ class Scheduler:
             params=params,
             admitted_at=loop_now,
             deadline=loop_now + timeout,
+            outbox=ProgressOutbox(self._store, run_id, deadline=loop_now + timeout, now=self._now),
         )
         self._runs[run_id] = active
         self._metrics.active_runs.set(len(self._runs))
@@ -304,8 +309,13 @@ class Scheduler:
         log.info("run_started", timeout_seconds=active.record.timeout_seconds)
         try:
             active.outcome = await self._execute(active)
-            await self._finalize(active, active.outcome)
+            # Every progress event accepted so far goes first: the terminal one is last.
+            await active.outbox.close()
+            await self._finisher.finish(active.outcome, retry=True)
+            active.settled = True
         finally:
+            if active.settled:  # (a drain that cancelled this supervisor writes the run)
+                active.outbox.abandon()
             self._release(active)
 
     async def _execute(self, active: _ActiveRun) -> RunRecord:
@@ -315,7 +325,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         context = RunContext(
             run_id=active.run_id,
-            emit=lambda data: self._emit(active, data),
+            emit=active.outbox.emit,
             http=self._http,
             log=log,
             deadline=active.record.created_at + timedelta(seconds=active.record.timeout_seconds),
@@ -342,10 +352,6 @@ class Scheduler:
         if not work.done():
             log.warning("task_ignored_cancellation", waited_seconds=CANCEL_WAIT_SECONDS)
         return self._stopped_record(active, reason)
-
-    async def _emit(self, active: _ActiveRun, data: dict[str, Any]) -> bool:
-        event = RunProgress(created_at=self._now(), data=msgspec.to_builtins(data))
-        return await self._store.append(active.run_id, event) is not None
 
     def _finished_record(self, active: _ActiveRun, work: asyncio.Task[Any]) -> RunRecord:
         if work.cancelled():
@@ -382,40 +388,6 @@ class Scheduler:
             finished_at=now,
             output=output,
             error=error,
-        )
-
-    async def _finalize(self, active: _ActiveRun, record: RunRecord) -> None:
-        """Write the terminal record; retry while the store is unreachable."""
-        delay = 0.1
-        while True:
-            try:
-                won = await self._store.finalize(record)
-                break
-            except StoreUnavailable as exc:
-                log.warning("finalize_retrying", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, FINALIZE_RETRY_MAX_SECONDS)
-        active.settled = True
-        if not won:
-            log.info("run_already_terminal", attempted=record.status)
-            return
-        self._record_finished(active, record)
-
-    def _record_finished(self, active: _ActiveRun, record: RunRecord) -> None:
-        """After a won terminal write: metrics, the log line, the completion callback."""
-        if self._on_finished is not None:
-            self._on_finished(record)
-        task = active.task.name
-        self._metrics.runs_finished.labels(task, record.status).inc()
-        if record.status == "failed" and record.error is not None:
-            self._metrics.run_failures.labels(task, record.error.reason).inc()
-        duration = asyncio.get_running_loop().time() - active.admitted_at
-        self._metrics.run_duration.labels(task, record.status).observe(duration)
-        log.info(
-            "run_finished",
-            status=record.status,
-            reason=None if record.error is None else record.error.reason,
-            duration_seconds=round(duration, 3),
         )
 
     # --- cancellation ---------------------------------------------------------------
@@ -516,7 +488,7 @@ class Scheduler:
         deadline = loop.time() + DRAIN_FINALIZE_BUDGET_SECONDS
         leftovers = list(self._runs.values())
         log.info("drain_cancelling", runs=len(leftovers))
-        writes: dict[asyncio.Future[bool], tuple[_ActiveRun, RunRecord]] = {}
+        stopping: list[tuple[_ActiveRun, RunRecord]] = []
         for active in leftovers:
             if active.outcome is not None:
                 continue  # its supervisor is writing it
@@ -528,21 +500,28 @@ class Scheduler:
                 continue  # being admitted: it finalizes as soon as it starts
             record = active.outcome = self._stopped_record(active, active.cancel_reason)
             active.supervisor.cancel()  # it cancels the task function and frees the slot
-            writes[asyncio.ensure_future(self._store.finalize(record))] = (active, record)
-        if writes:
-            done, pending = await asyncio.wait(writes, timeout=deadline - loop.time())
-            for write in done:
-                active, record = writes[write]
-                if write.exception() is None:
-                    active.settled = True
-                    if write.result():
-                        self._record_finished(active, record)
-            for write in pending:
-                write.cancel()
+            stopping.append((active, record))
+        # Progress the runs emitted before they were stopped is written first (usually
+        # nothing is pending); half the budget at most, the rest is for the writes.
+        flushes = [
+            asyncio.ensure_future(active.outbox.close())
+            for active, _ in stopping
+            if active.outbox.pending
+        ]
+        if flushes:
+            _, late = await asyncio.wait(flushes, timeout=(deadline - loop.time()) / 2)
+            for flush in late:
+                flush.cancel()  # (the sender goes on until the terminal write is made)
+        answers = await self._finisher.finish_many(
+            [record for _, record in stopping], within=deadline - loop.time()
+        )
+        for (active, _), answer in zip(stopping, answers, strict=True):
+            active.settled = answer is not None
         await self._wait_for_runs(max(0.0, deadline - loop.time()))
         for active in leftovers:
             if active.supervisor is not None and not active.supervisor.done():
                 active.supervisor.cancel()
+            active.outbox.abandon()
         self.left_running = [a.run_id for a in leftovers if not a.settled]
         if self.left_running:
             log.error(

@@ -12,6 +12,7 @@ checks each against both stores):
   status and the terminal event are written together, and a later finalize changes
   nothing and returns False;
 * nothing is appended to a run's events after its terminal event;
+* a progress event sent again with the same sequence number is appended once;
 * event cursors increase, and ``after`` is exclusive;
 * a run is listed under its worker (``runs_of``) from its creation until its
   finalization, so the runs of a worker whose lease expired can be found.
@@ -144,8 +145,16 @@ class RunStore(Protocol):
     async def get(self, run_id: str) -> RunRecord | None:
         """The run's current record, or None if it does not exist."""
 
-    async def append(self, run_id: str, event: RunProgress) -> str | None:
-        """Append a progress event; its cursor, or None when the run is already terminal."""
+    async def append(
+        self, run_id: str, event: RunProgress, *, seq: int | None = None
+    ) -> str | None:
+        """Append a progress event; its cursor, or None when the run is already terminal.
+
+        ``seq`` (1, 2, ... per run) makes the append idempotent: a sequence number at
+        or below the last one appended is not appended again, and the cursor of the
+        last sequenced event is returned. A caller that was told StoreUnavailable can
+        therefore send the same event again without risking a duplicate.
+        """
 
     async def finalize(self, record: RunRecord) -> bool:
         """Write a terminal record and its terminal event if the run is still running.

@@ -42,6 +42,9 @@ class _Entry:
     events: list[Event] = field(default_factory=list)
     keys: list[tuple[int, int]] = field(default_factory=list)
     cancel_requested: bool = False
+    #: The last sequenced progress event: its number and cursor.
+    seq: int = 0
+    seq_id: str = ""
     watches: set[Watch] = field(default_factory=set)
 
 
@@ -134,11 +137,18 @@ class MemoryRunStore:
 
     # --- writes -----------------------------------------------------------------
 
-    async def append(self, run_id: str, event: RunProgress) -> str | None:
+    async def append(
+        self, run_id: str, event: RunProgress, *, seq: int | None = None
+    ) -> str | None:
         entry = self._live(run_id)
         if entry is None or entry.record is None or entry.record.is_terminal:
             return None
-        return self._add_event(entry, event)
+        if seq is not None and seq <= entry.seq:
+            return entry.seq_id  # a repeat, as in Redis
+        cursor = self._add_event(entry, event)
+        if seq is not None:
+            entry.seq, entry.seq_id = seq, cursor
+        return cursor
 
     async def finalize(self, record: RunRecord) -> bool:
         entry = self._live(record.run_id)

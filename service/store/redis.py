@@ -5,8 +5,10 @@ also runs on Redis Cluster:
 
 * ``quiesce:{<run_id>}:run`` — a hash: ``record`` (the run as JSON), ``status`` (what
   the scripts compare), ``worker`` (the owner), ``cancel`` (a pending cancel
-  request), and for runs created with an idempotency key ``fingerprint`` and
-  ``initial`` (the record returned by the original create);
+  request), ``seq`` and ``seq_id`` (the last progress event's sequence number and
+  id, which make a repeated append a no-op), and for runs created with an
+  idempotency key ``fingerprint`` and ``initial`` (the record returned by the
+  original create);
 * ``quiesce:{<run_id>}:events`` — a stream capped at ``MAX_EVENTS_PER_RUN`` entries.
 
 Leases (``service.reaper``): ``quiesce:workers`` is a sorted set of worker ids scored
@@ -303,8 +305,15 @@ class RedisRunStore:
 
     # --- writes -------------------------------------------------------------------
 
-    async def append(self, run_id: str, event: RunProgress) -> str | None:
-        args = [json_encoder.encode(event), self._max_events, EVENTS_CHANNEL_PREFIX + run_id]
+    async def append(
+        self, run_id: str, event: RunProgress, *, seq: int | None = None
+    ) -> str | None:
+        args = [
+            json_encoder.encode(event),
+            self._max_events,
+            EVENTS_CHANNEL_PREFIX + run_id,
+            seq or 0,
+        ]
         command = _script("append", [run_key(run_id), events_key(run_id)], args)
         (reply,) = await self._call("append", [command])
         if reply == -1:

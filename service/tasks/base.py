@@ -62,8 +62,10 @@ class RunContext:
     async def emit(self, data: dict[str, Any]) -> bool:
         """Append a ``run_progress`` event with ``data`` (any JSON object).
 
-        Returns False when the run has already ended (the event is dropped). Raises
-        StoreUnavailable when the store cannot take it.
+        Returns False when the run has already ended (the event is dropped). The event
+        is queued and written in order; a store outage does not reach the task (the
+        write is retried until the run's deadline), but when many events are waiting,
+        ``emit`` waits for room.
         """
         return await self._emit(data)
 

@@ -1,15 +1,26 @@
--- Append a progress event unless the run is terminal (or gone).
+-- Append a progress event unless the run is terminal (or gone); idempotent by sequence.
 -- KEYS[1] run hash, KEYS[2] event stream
--- ARGV[1] event json, ARGV[2] max events, ARGV[3] events channel
+-- ARGV[1] event json, ARGV[2] max events, ARGV[3] events channel,
+-- ARGV[4] the event's sequence number within its run (1, 2, ...; 0: none)
+-- A sequence number at or below the last one appended is a repeat (its first send
+-- timed out on the client but landed): nothing is appended, and the id of the last
+-- sequenced event is returned.
 -- Returns the event id, false when the run is terminal, -1 when the run is gone (the
 -- store may have been reset: the caller restores its runs and tries again).
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then
+local state = redis.call('HMGET', KEYS[1], 'status', 'seq', 'seq_id')
+if not state[1] then
   return -1
 end
-if status ~= 'running' then
+if state[1] ~= 'running' then
   return false
 end
+local seq = tonumber(ARGV[4])
+if seq > 0 and state[2] and seq <= tonumber(state[2]) then
+  return state[3]
+end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+if seq > 0 then
+  redis.call('HSET', KEYS[1], 'seq', seq, 'seq_id', id)
+end
 redis.call('PUBLISH', ARGV[3], id)
 return id
