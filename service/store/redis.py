@@ -468,7 +468,14 @@ class RedisRunStore:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        # Background checks retry at their next occasion: an error is logged, never
+        # left as "Task exception was never retrieved".
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("store_background_failed", exc_info=exc)
 
     async def _call(
         self, operation: str, commands: list[Command], *, undo: Undo | None = None

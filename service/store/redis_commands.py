@@ -26,14 +26,42 @@ from importlib import resources
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import StoreUnavailable
 
 #: Errors that mean "Redis is not reachable now" rather than "this command is wrong".
 UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Replies by which Redis refuses a command because of its own state or of how the
+#: operator set it up (an ACL without the command, a read-only replica during a
+#: failover, maxmemory reached, a dataset still loading), not because the command is
+#: wrong. The caller sees the store as unavailable — a 503 with Retry-After, a write
+#: retried — and the reply's text says why; ``quiesce check`` names the cause.
+REFUSAL_ERRORS = (
+    NoPermissionError,
+    AuthenticationError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    BusyLoadingError,
+    TryAgainError,
+    ClusterDownError,
+    MasterDownError,
+)
+#: The same refusals as they come back from inside a Lua script, as plain errors.
+_REFUSAL_TEXTS: Final = ("can't run this command", "NOPERM", "READONLY", "OOM", "BUSY", "MISCONF")
 #: How long close() waits for undos still running.
 UNDO_WAIT_SECONDS: Final = 3.0
 #: How often overdue jobs are looked for: a deadline may be passed by this much.
@@ -174,7 +202,7 @@ class CommandPipeline:
                 self._settle(job, index, failure)
             raise
         for (_, job, index), result in zip(batch, results, strict=True):
-            self._settle(job, index, result)
+            self._settle(job, index, _as_unavailable(result))
 
     def _settle(self, job: _Job, index: int, result: Any) -> None:
         job.results[index] = result
@@ -204,3 +232,14 @@ class CommandPipeline:
             for script in self._scripts.values():
                 pipe.script_load(script.source)
             await pipe.execute()
+
+
+def _as_unavailable(result: Any) -> Any:
+    """A refusal (see REFUSAL_ERRORS) as StoreUnavailable; any other result as is."""
+    if isinstance(result, REFUSAL_ERRORS) or (
+        isinstance(result, ResponseError)
+        and not isinstance(result, NoScriptError)
+        and any(text in str(result) for text in _REFUSAL_TEXTS)
+    ):
+        return StoreUnavailable(f"the store refused the command: {result}")
+    return result
