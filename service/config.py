@@ -51,6 +51,9 @@ class Settings:
     lease_ttl_seconds: float = 15.0
     callback_secret: str | None = None
     webhook_secret: str | None = None
+    #: How deeply a create body's JSON may nest; deeper bodies are refused (400)
+    #: before they are decoded, so a hostile body cannot exhaust the decoder's stack.
+    max_json_depth: int = 64
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -73,6 +76,7 @@ class Settings:
             lease_ttl_seconds=env.number("QUIESCE_LEASE_TTL_SECONDS", 15.0, minimum=3),
             callback_secret=env.signing_secret("QUIESCE_CALLBACK_SECRET"),
             webhook_secret=env.signing_secret("QUIESCE_WEBHOOK_SECRET"),
+            max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
         )
 
 

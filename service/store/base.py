@@ -38,6 +38,7 @@ MAX_EVENTS_PER_RUN: Final = 10_000
 CLAIM_TTL_SECONDS: Final = 30
 
 _CURSOR_RE: Final = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+MAX_CURSOR_PART: Final = 2**64 - 1
 
 
 def parse_cursor(cursor: str) -> tuple[int, int]:
@@ -46,8 +47,15 @@ def parse_cursor(cursor: str) -> tuple[int, int]:
         raise InvalidInput(
             f"invalid cursor {cursor!r}: expected the id of an event", field="after", source="query"
         )
-    ms, seq = cursor.split("-")
-    return int(ms), int(seq)
+    ms, seq = (int(part) for part in cursor.split("-"))
+    if ms > MAX_CURSOR_PART or seq > MAX_CURSOR_PART:
+        # Redis stream ids are two unsigned 64-bit numbers; past that it refuses the id.
+        raise InvalidInput(
+            f"invalid cursor {cursor!r}: each part must fit in 64 bits",
+            field="after",
+            source="query",
+        )
+    return ms, seq
 
 
 class CancelOutcome(enum.Enum):
