@@ -123,6 +123,10 @@ class RunCancelled(_Event, tag="run_cancelled", frozen=True):
 Event = RunStarted | RunProgress | RunSucceeded | RunFailed | RunCancelled
 TerminalEvent = RunSucceeded | RunFailed | RunCancelled
 TERMINAL_EVENT_TYPES: Final = (RunSucceeded, RunFailed, RunCancelled)
+#: Every event's ``type`` tag.
+EVENT_TYPES: Final = frozenset(
+    str(cls.__struct_config__.tag) for cls in (RunStarted, RunProgress, *TERMINAL_EVENT_TYPES)
+)
 
 
 def event_type(event: Event) -> str:

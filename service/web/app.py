@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await store.close()
                 log.info("stopped")
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[RunsController, AdminController, healthz, readyz, metrics],
         lifespan=[lifespan],
         state=State({"settings": settings}),
@@ -152,6 +152,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             components=openapi.COMPONENTS,
         ),
     )
+    openapi.complete(app.openapi_schema, registry)
+    return app
 
 
 def _callback_budget(lifecycle: Lifecycle) -> float:

@@ -14,22 +14,26 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import (
     Components,
     Link,
+    OpenAPI,
     OpenAPIHeader,
     OpenAPIMediaType,
     OpenAPIResponse,
     OpenAPIType,
     Operation,
+    PathItem,
     Reference,
     RequestBody,
     Schema,
     SecurityScheme,
 )
 
-from service.schemas import ErrorBody, create_request_json_schema
+from service.schemas import EVENT_TYPES, ErrorBody, create_request_json_schema
+from service.tasks.base import TaskRegistry
 
 BEARER: Final = "bearer"
 #: The security requirement of ``/v1`` and ``/admin`` (probes and metrics carry none).
@@ -52,6 +56,8 @@ GET_RUN: Final = "getRun"
 LIST_EVENTS: Final = "listEvents"
 STREAM_EVENTS: Final = "streamEvents"
 CANCEL_RUN: Final = "cancelRun"
+_TASK_INPUT_PREFIX: Final = "TaskInput_"
+_TASK_INPUT_REF: Final = "#/components/schemas/" + _TASK_INPUT_PREFIX + "{name}"
 
 #: What each error status means, unless an operation says more precisely.
 _ERROR_DESCRIPTIONS: Final[Mapping[int, str]] = {
@@ -127,23 +133,9 @@ def _create_links() -> dict[str, Link | Reference]:
     }
 
 
-def _request_bodies() -> dict[str, RequestBody]:
-    return {
-        CREATE_RUN: RequestBody(
-            required=True,
-            description="The run to create. Unknown fields are refused.",
-            content={
-                "application/json": OpenAPIMediaType(
-                    schema=_Verbatim(raw=create_request_json_schema())
-                )
-            },
-        )
-    }
-
-
 @dataclass
 class _Verbatim(Schema):
-    """A JSON Schema given as a dict, rendered as it is."""
+    """A JSON Schema given as a dict (msgspec's), rendered as it is."""
 
     raw: dict[str, Any] | None = None
 
@@ -151,20 +143,107 @@ class _Verbatim(Schema):
         return dict(self.raw or {})
 
 
-@dataclass
-class DocumentedOperation(Operation):
-    """The operation Litestar builds, completed: headers of the error responses, the
-    create body (documented here so the handler need not decode the body a second
-    time) and the links from a created run."""
+def create_body_schemas(registry: TaskRegistry) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the create body's schema, the components it refers to).
 
-    def __post_init__(self) -> None:
-        for status, response in (self.responses or {}).items():
-            headers = _HEADERS.get(status)
-            if headers is not None and isinstance(response, OpenAPIResponse):
-                response.headers = {**(response.headers or {}), **headers}
-        if self.operation_id == CREATE_RUN:
-            self.request_body = _request_bodies()[CREATE_RUN]
-            accepted = (self.responses or {}).get("202")
-            if isinstance(accepted, OpenAPIResponse):
-                accepted.links = _create_links()
-                accepted.headers = {**(accepted.headers or {}), **_CREATED_HEADERS}
+    The body is one of the registered tasks: ``task`` names it and ``input`` follows
+    that task's input Struct (required when the Struct has required fields, since an
+    omitted input is ``{}``). Everything comes from msgspec's own JSON Schema of the
+    Structs that validate the body, so the document cannot promise what is refused.
+    """
+    tasks = list(registry)
+    refs, components = msgspec.json.schema_components(
+        [t.input_type for t in tasks], ref_template=_TASK_INPUT_REF
+    )
+    base = create_request_json_schema()
+    branches = []
+    for task, ref in zip(tasks, refs, strict=True):
+        properties = {
+            **base["properties"],
+            "task": {"const": task.name, "description": task.description.split("\n")[0]},
+            "input": ref,
+        }
+        required = ["task"]
+        if components[ref["$ref"].removeprefix(_TASK_INPUT_REF.format(name=""))].get("required"):
+            required.append("input")
+        branches.append(
+            {
+                "title": f"Run {task.name}",
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": False,
+            }
+        )
+    body = {
+        "title": base.get("title"),
+        "description": "One registered task and its input; unknown fields are refused.",
+        "oneOf": branches,
+    }
+    return body, {f"{_TASK_INPUT_PREFIX}{name}": value for name, value in components.items()}
+
+
+def complete(openapi: OpenAPI, registry: TaskRegistry) -> None:
+    """Add to the document what Litestar does not infer: the create body (documented
+    here, so the handler need not decode the body a second time), the headers of
+    the responses, one frame of the event stream, and the links from a created run.
+    Called once per app."""
+    body, components = create_body_schemas(registry)
+    schemas = openapi.components.schemas
+    for name, schema in components.items():
+        schemas[name] = _Verbatim(raw=schema)
+    for path_item in (openapi.paths or {}).values():
+        for operation in _operations(path_item):
+            _add_headers(operation)
+            if operation.operation_id == STREAM_EVENTS:
+                frames = (operation.responses or {}).get("200")
+                if isinstance(frames, OpenAPIResponse) and frames.content:
+                    frames.content["text/event-stream"].schema = _Verbatim(
+                        raw=_sse_frame_schema(openapi)
+                    )
+            if operation.operation_id == CREATE_RUN:
+                operation.request_body = RequestBody(
+                    required=True,
+                    description=body["description"],
+                    content={"application/json": OpenAPIMediaType(schema=_Verbatim(raw=body))},
+                )
+                accepted = (operation.responses or {}).get("202")
+                if isinstance(accepted, OpenAPIResponse):
+                    accepted.links = _create_links()
+                    accepted.headers = {**(accepted.headers or {}), **_CREATED_HEADERS}
+
+
+def _sse_frame_schema(openapi: OpenAPI) -> dict[str, Any]:
+    """One Server-Sent Events frame of the stream: ``data`` is an event as JSON, the
+    same as an item of an event page (OpenAPI 3.1 reads ``schema`` per event)."""
+    page = openapi.components.schemas["EventPage"].to_schema()
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "description": "The event's cursor (resume from it)."},
+            "event": {"enum": sorted(EVENT_TYPES), "description": "The event's type."},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": page["properties"]["events"]["items"],
+            },
+            "retry": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Sent when the replica ends the stream early (drain, store "
+                "trouble): reconnect after this many milliseconds with Last-Event-ID.",
+            },
+        },
+    }
+
+
+def _operations(path_item: PathItem) -> list[Operation]:
+    candidates = (path_item.get, path_item.post, path_item.put, path_item.patch, path_item.delete)
+    return [operation for operation in candidates if operation is not None]
+
+
+def _add_headers(operation: Operation) -> None:
+    for status, response in (operation.responses or {}).items():
+        headers = _HEADERS.get(status)
+        if headers is not None and isinstance(response, OpenAPIResponse):
+            response.headers = {**(response.headers or {}), **headers}

@@ -46,7 +46,6 @@ from service.web.openapi import (
     LIST_EVENTS,
     SECURITY,
     STREAM_EVENTS,
-    DocumentedOperation,
     error_responses,
 )
 from service.web.sse import event_stream
@@ -193,7 +192,6 @@ class RunsController(Controller):
         opt={COUNTS_REJECTIONS: True},
         summary="Create a run (the webhook)",
         operation_id=CREATE_RUN,
-        operation_class=DocumentedOperation,
         responses=error_responses(
             (400, 401, 408, 409, 413, 415, 422, 429, 503),
             e400="The body or a header is invalid (`extra[0].key` names it); also a "
@@ -209,7 +207,7 @@ class RunsController(Controller):
         services: NamedDependency[Services],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[RunRecord]:
-        # The body was decoded strictly in before_request (DocumentedOperation
+        # The body was decoded strictly in before_request (service.web.openapi
         # documents it), so Litestar does not decode it a second time.
         create: CreateRunRequest = request.state[_CREATE_REQUEST]
         key = idempotency_key or request.state.get(_WEBHOOK_KEY)
@@ -230,7 +228,6 @@ class RunsController(Controller):
         "/runs/{run_id:str}",
         summary="Read a run",
         operation_id=GET_RUN,
-        operation_class=DocumentedOperation,
         responses=error_responses((401, 404, 503)),
     )
     async def get_run(
@@ -242,7 +239,6 @@ class RunsController(Controller):
         "/runs/{run_id:str}/events",
         summary="A page of a run's events, oldest first",
         operation_id=LIST_EVENTS,
-        operation_class=DocumentedOperation,
         responses=error_responses((400, 401, 404, 503)),
     )
     async def list_events(
@@ -265,7 +261,6 @@ class RunsController(Controller):
         summary="Server-Sent Events: replay, then live until the terminal event",
         media_type="text/event-stream",
         operation_id=STREAM_EVENTS,
-        operation_class=DocumentedOperation,
         responses={
             200: ResponseSpec(
                 data_container=str,
@@ -310,7 +305,6 @@ class RunsController(Controller):
         status_code=202,
         summary="Cancel a run, wherever it runs",
         operation_id=CANCEL_RUN,
-        operation_class=DocumentedOperation,
         responses={
             200: ResponseSpec(
                 data_container=RunRecord,
