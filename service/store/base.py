@@ -48,10 +48,12 @@ def parse_cursor(cursor: str) -> tuple[int, int]:
             f"invalid cursor {cursor!r}: expected the id of an event", field="after", source="query"
         )
     ms, seq = (int(part) for part in cursor.split("-"))
-    if ms > MAX_CURSOR_PART or seq > MAX_CURSOR_PART:
-        # Redis stream ids are two unsigned 64-bit numbers; past that it refuses the id.
+    if ms > MAX_CURSOR_PART or seq > MAX_CURSOR_PART or ms == seq == MAX_CURSOR_PART:
+        # Redis stream ids are two unsigned 64-bit numbers: it refuses a larger one, and
+        # an exclusive range cannot start after the largest.
         raise InvalidInput(
-            f"invalid cursor {cursor!r}: each part must fit in 64 bits",
+            f"invalid cursor {cursor!r}: each part must fit in 64 bits, "
+            "and no event can follow the largest id",
             field="after",
             source="query",
         )
