@@ -16,6 +16,7 @@ fuzzed on an app of its own, after the others.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +25,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from litestar import Litestar
 from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -100,19 +102,29 @@ def settings_for_fuzz() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def memory_api(settings_for_fuzz: Settings) -> Any:
-    return load(create_app(settings_for_fuzz)).exclude(operation_id="drain")
+def memory_api(settings_for_fuzz: Settings) -> Iterator[Any]:
+    yield load(create_app(settings_for_fuzz)).exclude(operation_id="drain")
+    stop_apps()
 
 
 @pytest.fixture
-def redis_api(redis_server: RedisServer, settings_for_fuzz: Settings) -> Any:
+def redis_api(redis_server: RedisServer, settings_for_fuzz: Settings) -> Iterator[Any]:
     app = create_app(replace(settings_for_fuzz, redis_url=redis_server.url))
-    return load(app).exclude(operation_id="drain")
+    yield load(app).exclude(operation_id="drain")
+    stop_apps()
 
 
 @pytest.fixture
-def drain_api(settings_for_fuzz: Settings) -> Any:
-    return load(create_app(settings_for_fuzz)).include(operation_id="drain")
+def drain_api(settings_for_fuzz: Settings) -> Iterator[Any]:
+    yield load(create_app(settings_for_fuzz)).include(operation_id="drain")
+    stop_apps()
+
+
+def stop_apps() -> None:
+    """Schemathesis keeps each app's lifespan running until the process exits; stop
+    them (a drain, as on shutdown) so no app outlives its test and touches the
+    session's Redis while other tests use it."""
+    asgi.shutdown_lifespans()
 
 
 #: Every operation of the document except the drain (fuzzed on its own app below).
