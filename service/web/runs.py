@@ -159,7 +159,8 @@ def _decode_body(
 
 def _check_run_id(run_id: str) -> None:
     if not RUN_ID_RE.match(run_id):
-        raise RunNotFound(f"run {run_id} not found")
+        # Not echoed: it may be long or hold any character.
+        raise RunNotFound("run not found: a run id is run_ and 26 base32 characters")
 
 
 async def _load(services: Services, run_id: str) -> RunRecord:

@@ -152,3 +152,14 @@ async def test_a_huge_input_is_a_413(client: Client) -> None:
     response = await client.post("/v1/runs", json=body)
     assert response.status_code == 413, response.text
     assert response.json()["status_code"] == 413
+
+
+@pytest.mark.parametrize("suffix", ["", "/events", "/events/stream", "/cancel"])
+async def test_a_malformed_run_id_is_a_404_that_does_not_echo_it(
+    client: Client, suffix: str
+) -> None:
+    run_id = "%00%FF" + "a" * 20000
+    method = client.post if suffix == "/cancel" else client.get
+    response = await method(f"/v1/runs/{run_id}{suffix}")
+    assert response.status_code == 404, response.text
+    assert "aaaa" not in response.json()["detail"]
