@@ -58,6 +58,9 @@ class Settings:
     webhook_secret: str | None = None
     max_streams: int = 2000
     request_body_timeout_seconds: float = 10.0
+    #: How deeply a create body's JSON may nest; deeper bodies are refused (400)
+    #: before they are decoded, so a hostile body cannot exhaust the decoder's stack.
+    max_json_depth: int = 64
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -84,6 +87,7 @@ class Settings:
             request_body_timeout_seconds=env.number(
                 "QUIESCE_REQUEST_BODY_TIMEOUT_SECONDS", 10.0, minimum=0, exclusive=True
             ),
+            max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
         )
 
 

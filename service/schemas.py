@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -122,6 +123,10 @@ class RunCancelled(_Event, tag="run_cancelled", frozen=True):
 Event = RunStarted | RunProgress | RunSucceeded | RunFailed | RunCancelled
 TerminalEvent = RunSucceeded | RunFailed | RunCancelled
 TERMINAL_EVENT_TYPES: Final = (RunSucceeded, RunFailed, RunCancelled)
+#: Every event's ``type`` tag.
+EVENT_TYPES: Final = frozenset(
+    str(cls.__struct_config__.tag) for cls in (RunStarted, RunProgress, *TERMINAL_EVENT_TYPES)
+)
 
 
 def event_type(event: Event) -> str:
@@ -165,6 +170,26 @@ class TaskInfo(Struct, kw_only=True, frozen=True):
 
 class TaskList(Struct, kw_only=True, frozen=True):
     tasks: list[TaskInfo]
+
+
+# --- error bodies (documentation: service.web.errors builds them as dicts) -----
+
+
+class ErrorItem(Struct, kw_only=True, frozen=True):
+    """What is wrong, and where: ``key`` is the field or parameter, ``source`` where
+    it was (``body``, ``query``, ``header``, ``path``)."""
+
+    message: str
+    key: str | None = None
+    source: str | None = None
+
+
+class ErrorBody(Struct, kw_only=True, frozen=True):
+    """Every error response: Litestar's shape, whether from the service or the framework."""
+
+    status_code: int
+    detail: str
+    extra: list[ErrorItem] | dict[str, Any] | None = None
 
 
 # --- replica state (GET /admin/state) ------------------------------------------
@@ -229,6 +254,38 @@ def describe_validation_error(
     named = _NAMED_FIELD_RE.search(message)
     key = ".".join(part for part in (path, named.group(1) if named else "") if part) or None
     return f"{message} - at `${'.' + path if path else ''}`", key
+
+
+#: A JSON string, escapes included (the unrolled form: no backtracking).
+_JSON_STRING_RE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+#: Every byte but the four brackets, to delete them all in one C call.
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+#: How each bracket moves the depth (indexed by byte value).
+_DEPTH_STEP: Final = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """True when the JSON ``body`` nests arrays/objects more than ``limit`` deep.
+
+    msgspec decodes recursively, and about 1,000 levels raise RecursionError, so a
+    create body is checked before it is decoded. The common case costs two
+    ``bytes.count`` calls: a body with no more brackets than the limit cannot nest
+    deeper. Otherwise strings are cut out (brackets inside them do not nest) and the
+    running depth of what is left is taken, all in C-level loops. A malformed body
+    may be misjudged either way; the decoder refuses it next anyway.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING_RE.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def create_request_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the create body, as msgspec (which enforces it) states it:
+    the constraints and ``additionalProperties: false`` come from the Struct itself."""
+    schema = msgspec.json.schema(CreateRunRequest)
+    definition: dict[str, Any] = schema["$defs"]["CreateRunRequest"]
+    return definition
 
 
 def request_fingerprint(request: CreateRunRequest) -> str:

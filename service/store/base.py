@@ -39,16 +39,28 @@ MAX_EVENTS_PER_RUN: Final = 10_000
 CLAIM_TTL_SECONDS: Final = 30
 
 _CURSOR_RE: Final = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+MAX_CURSOR_PART: Final = 2**64 - 1
 
 
 def parse_cursor(cursor: str) -> tuple[int, int]:
     """Check a client-supplied cursor (``<ms>-<seq>``, as Redis stream ids are)."""
     if not _CURSOR_RE.match(cursor):
         raise InvalidInput(
-            f"invalid cursor {cursor!r}: expected the id of an event", field="after", source="query"
+            f"invalid cursor {cursor[:64]!r}: expected the id of an event",
+            field="after",
+            source="query",
         )
-    ms, seq = cursor.split("-")
-    return int(ms), int(seq)
+    ms, seq = (int(part) for part in cursor.split("-"))
+    if ms > MAX_CURSOR_PART or seq > MAX_CURSOR_PART or ms == seq == MAX_CURSOR_PART:
+        # Redis stream ids are two unsigned 64-bit numbers: it refuses a larger one, and
+        # an exclusive range cannot start after the largest.
+        raise InvalidInput(
+            f"invalid cursor {cursor[:64]!r}: each part must fit in 64 bits, "
+            "and no event can follow the largest id",
+            field="after",
+            source="query",
+        )
+    return ms, seq
 
 
 class CancelOutcome(enum.Enum):

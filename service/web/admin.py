@@ -13,6 +13,7 @@ from litestar.params import QueryParameter
 
 from service.schemas import ActiveRunInfo, DrainInfo, ReplicaState
 from service.web.auth import auth_middleware
+from service.web.openapi import SECURITY, error_responses
 from service.web.state import Services
 
 
@@ -51,8 +52,15 @@ class AdminController(Controller):
     path = "/admin"
     tags = ("admin",)
     middleware = (auth_middleware,)
+    security = SECURITY
 
-    @post("/drain", status_code=202, summary="Start the drain (idempotent)")
+    @post(
+        "/drain",
+        status_code=202,
+        summary="Start the drain (idempotent)",
+        operation_id="drain",
+        responses=error_responses((400, 401)),
+    )
     async def drain(
         self,
         services: NamedDependency[Services],
@@ -71,6 +79,11 @@ class AdminController(Controller):
                 await asyncio.wait_for(services.lifecycle.stopped.wait(), wait)
         return replica_state(services)
 
-    @get("/state", summary="This replica's state, active runs and drain progress")
+    @get(
+        "/state",
+        summary="This replica's state, active runs and drain progress",
+        operation_id="replicaState",
+        responses=error_responses((401,)),
+    )
     async def state(self, services: NamedDependency[Services]) -> ReplicaState:
         return replica_state(services)

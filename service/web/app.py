@@ -36,6 +36,7 @@ from service.reaper import Reaper
 from service.scheduler import Scheduler
 from service.store import open_store
 from service.tasks.loader import build_registry
+from service.web import openapi
 from service.web.admin import AdminController
 from service.web.errors import after_exception, handle_quiesce_error
 from service.web.http_metrics import http_metrics_middleware
@@ -138,7 +139,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await store.close()
                 log.info("stopped")
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[RunsController, AdminController, healthz, readyz, metrics],
         lifespan=[lifespan],
         state=State({"settings": settings}),
@@ -160,8 +161,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version=__version__,
             description="Runs created by webhook, executed in-process, drained on shutdown.",
             path="/schema",
+            components=openapi.COMPONENTS,
         ),
     )
+    openapi.complete(app.openapi_schema, registry)
+    return app
 
 
 def _callback_budget(lifecycle: Lifecycle) -> float:

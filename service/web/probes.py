@@ -12,6 +12,8 @@ from typing import Any, Final
 
 from litestar import Response, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from msgspec import Struct
 
 from service.errors import StoreUnavailable
 from service.metrics import CONTENT_TYPE
@@ -21,12 +23,45 @@ from service.web.state import Services
 STORE_PING_TIMEOUT_SECONDS: Final = 0.5
 
 
-@get("/healthz", tags=["probes"], summary="Liveness")
+class Liveness(Struct, kw_only=True, frozen=True):
+    status: str
+    state: str
+
+
+class Readiness(Struct, kw_only=True, frozen=True):
+    """``ready``; or why not: ``starting``, ``draining``, ``stopped``, ``store_unavailable``."""
+
+    status: str
+
+
+_NOT_READY: Final = ResponseSpec(
+    data_container=Readiness,
+    generate_examples=False,
+    description="Not ready: starting, draining, stopped or store_unavailable.",
+)
+
+
+@get(
+    "/healthz",
+    tags=["probes"],
+    summary="Liveness",
+    operation_id="healthz",
+    responses={200: ResponseSpec(Liveness, generate_examples=False, description="Alive.")},
+)
 async def healthz(services: NamedDependency[Services]) -> dict[str, str]:
     return {"status": "ok", "state": services.lifecycle.state}
 
 
-@get("/readyz", tags=["probes"], summary="Readiness")
+@get(
+    "/readyz",
+    tags=["probes"],
+    summary="Readiness",
+    operation_id="readyz",
+    responses={
+        200: ResponseSpec(Readiness, generate_examples=False, description="Ready."),
+        503: _NOT_READY,
+    },
+)
 async def readyz(services: NamedDependency[Services]) -> Response[dict[str, Any]]:
     state = services.lifecycle.state
     if state != "ready":
@@ -38,6 +73,20 @@ async def readyz(services: NamedDependency[Services]) -> Response[dict[str, Any]
     return Response({"status": "ready"}, status_code=200)
 
 
-@get("/metrics", tags=["probes"], summary="Prometheus metrics")
+@get(
+    "/metrics",
+    tags=["probes"],
+    summary="Prometheus metrics",
+    operation_id="metrics",
+    media_type=CONTENT_TYPE,
+    responses={
+        200: ResponseSpec(
+            str,
+            generate_examples=False,
+            media_type=CONTENT_TYPE,
+            description="The Prometheus text exposition format.",
+        )
+    },
+)
 async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)

@@ -10,7 +10,8 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
-from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from service.errors import (
@@ -31,18 +32,32 @@ from service.schemas import (
     TaskInfo,
     TaskList,
     describe_validation_error,
+    json_depth_exceeds,
     request_decoder,
 )
 from service.store import CancelOutcome
 from service.store.base import parse_cursor
 from service.web.auth import COUNTS_REJECTIONS, auth_middleware
 from service.web.errors import error_response, invalid_request
+from service.web.openapi import (
+    CANCEL_RUN,
+    CREATE_RUN,
+    GET_RUN,
+    LIST_EVENTS,
+    SECURITY,
+    STREAM_EVENTS,
+    error_responses,
+)
 from service.web.sse import event_stream
 from service.web.state import Services, services_of
 from service.webhooks import InvalidSignature
 
 RUN_ID_RE: Final = re.compile(r"^run_[a-z2-7]{26}$")
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
+#: Visible ASCII only: a key is stored and echoed, so no control characters, no
+#: spaces (a proxy may trim or fold them) and nothing a header cannot carry as is.
+IDEMPOTENCY_KEY_PATTERN: Final = r"^[!-~]+$"
+_IDEMPOTENCY_KEY_RE: Final = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _CREATE_REQUEST: Final = "create_request"
 #: A signed create's ``webhook-id``: its idempotency key, in the webhook key space.
 _WEBHOOK_ID: Final = "webhook_id"
@@ -63,7 +78,9 @@ IdempotencyKey = Annotated[
         name="Idempotency-Key",
         min_length=1,
         max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
-        description="Repeat a create safely: the same key and body return the original run.",
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Repeat a create safely: the same key and body return the original run "
+        "(1 to 255 visible ASCII characters).",
     ),
 ]
 
@@ -103,9 +120,11 @@ def _check_headers(headers: Any) -> Response[Any] | None:
     if media_type != "application/json" and not media_type.endswith("+json"):
         return error_response(415, "the body must be JSON (Content-Type: application/json)")
     key = headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+    if key is not None and not (
+        1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH and _IDEMPOTENCY_KEY_RE.match(key)
+    ):
         return invalid_request(
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters",
             "Idempotency-Key",
             "header",
         )
@@ -115,12 +134,21 @@ def _check_headers(headers: Any) -> Response[Any] | None:
 def _decode_body(
     request: Request[Any, Any, Any], body: bytes, services: Services
 ) -> Response[Any] | None:
+    limit = services.settings.max_json_depth
+    if json_depth_exceeds(body, limit):
+        return invalid_request(
+            f"JSON nested deeper than {limit} levels (QUIESCE_MAX_JSON_DEPTH)", None
+        )
     try:
         create = request_decoder.decode(body)
     except msgspec.ValidationError as exc:
         return invalid_request(*describe_validation_error(exc))
     except msgspec.DecodeError as exc:
         return invalid_request(str(exc), None)
+    except UnicodeDecodeError:
+        return invalid_request("the body is not valid UTF-8", None)
+    except RecursionError:  # a second line of defence behind the depth limit
+        return invalid_request("JSON nested too deeply", None)
     if create.callback_url is not None:
         try:
             services.callbacks.check(create.callback_url)
@@ -132,7 +160,8 @@ def _decode_body(
 
 def _check_run_id(run_id: str) -> None:
     if not RUN_ID_RE.match(run_id):
-        raise RunNotFound(f"run {run_id} not found")
+        # Not echoed: it may be long or hold any character.
+        raise RunNotFound("run not found: a run id is run_ and 26 base32 characters")
 
 
 async def _load(services: Services, run_id: str) -> RunRecord:
@@ -143,10 +172,20 @@ async def _load(services: Services, run_id: str) -> RunRecord:
     return record
 
 
+_STREAM_FRAMES: Final = (
+    "Server-Sent Events: the run's events from the cursor on, then live. Each event is "
+    "a frame `id: <cursor>`, `event: <type>`, `data: <the event as JSON>`; a comment "
+    "line (`: keep-alive`) comes at least every 15 s; the stream ends after the terminal "
+    "event. A replica that drains (or loses its store) ends it with a `retry:` hint; "
+    "reconnect with `Last-Event-ID`."
+)
+
+
 class RunsController(Controller):
     path = "/v1"
     tags = ("runs",)
     middleware = (auth_middleware,)
+    security = SECURITY
 
     @post(
         "/runs",
@@ -154,15 +193,24 @@ class RunsController(Controller):
         before_request=_decode_create,
         opt={COUNTS_REJECTIONS: True},
         summary="Create a run (the webhook)",
+        operation_id=CREATE_RUN,
+        responses=error_responses(
+            (400, 401, 408, 409, 413, 415, 422, 429, 503),
+            e400="The body or a header is invalid (`extra[0].key` names it); also a "
+            "`callback_url` or an `http` task's `url` the egress policy refuses.",
+            e401="No valid bearer token, or an invalid webhook signature.",
+            e409="The same Idempotency-Key is still being admitted by another request.",
+            e422="Unknown task, or the Idempotency-Key was used with a different body.",
+        ),
     )
     async def create_run(
         self,
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
-        data: JSONBody[CreateRunRequest],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[RunRecord]:
-        # ``data`` documents the body; the strictly decoded one is what counts.
+        # The body was decoded strictly in before_request (service.web.openapi
+        # documents it), so Litestar does not decode it a second time.
         create: CreateRunRequest = request.state[_CREATE_REQUEST]
         # A client's key and a webhook's id live in separate key spaces (see run_id_for_key).
         webhook_id = None if idempotency_key else request.state.get(_WEBHOOK_ID)
@@ -183,13 +231,23 @@ class RunsController(Controller):
             headers["Idempotent-Replayed"] = "true"
         return Response(admission.record, status_code=202, headers=headers)
 
-    @get("/runs/{run_id:str}", summary="Read a run")
+    @get(
+        "/runs/{run_id:str}",
+        summary="Read a run",
+        operation_id=GET_RUN,
+        responses=error_responses((401, 404, 503)),
+    )
     async def get_run(
         self, services: NamedDependency[Services], run_id: FromPath[str]
     ) -> RunRecord:
         return await _load(services, run_id)
 
-    @get("/runs/{run_id:str}/events", summary="A page of a run's events, oldest first")
+    @get(
+        "/runs/{run_id:str}/events",
+        summary="A page of a run's events, oldest first",
+        operation_id=LIST_EVENTS,
+        responses=error_responses((400, 401, 404, 503)),
+    )
     async def list_events(
         self,
         services: NamedDependency[Services],
@@ -209,6 +267,20 @@ class RunsController(Controller):
         "/runs/{run_id:str}/events/stream",
         summary="Server-Sent Events: replay, then live until the terminal event",
         media_type="text/event-stream",
+        operation_id=STREAM_EVENTS,
+        responses={
+            200: ResponseSpec(
+                data_container=str,
+                generate_examples=False,
+                media_type="text/event-stream",
+                description=_STREAM_FRAMES,
+            ),
+            **error_responses(
+                (400, 401, 404, 503),
+                e503="The store is unavailable, or this replica has as many open streams "
+                "as it may (QUIESCE_MAX_STREAMS); retry after `Retry-After` seconds.",
+            ),
+        },
     )
     async def stream_events(
         self,
@@ -235,7 +307,23 @@ class RunsController(Controller):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @post("/runs/{run_id:str}/cancel", status_code=202, summary="Cancel a run, wherever it runs")
+    @post(
+        "/runs/{run_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a run, wherever it runs",
+        operation_id=CANCEL_RUN,
+        responses={
+            200: ResponseSpec(
+                data_container=RunRecord,
+                generate_examples=False,
+                description="The run was already cancelled: its record.",
+            ),
+            **error_responses(
+                (401, 404, 409, 503),
+                e409="The run already finished otherwise (`extra.status` says how).",
+            ),
+        },
+    )
     async def cancel_run(
         self, services: NamedDependency[Services], run_id: FromPath[str]
     ) -> Response[RunRecord]:
@@ -249,7 +337,12 @@ class RunsController(Controller):
         status_code = 200 if outcome is CancelOutcome.ALREADY_CANCELLED else 202
         return Response(record, status_code=status_code)
 
-    @get("/tasks", summary="Registered tasks and the JSON Schema of each input")
+    @get(
+        "/tasks",
+        summary="Registered tasks and the JSON Schema of each input",
+        operation_id="listTasks",
+        responses=error_responses((401,)),
+    )
     async def list_tasks(self, services: NamedDependency[Services]) -> TaskList:
         return TaskList(
             tasks=[
