@@ -422,6 +422,9 @@ class RedisRunStore:
                 )
                 if self._on_reset is not None:
                     self._on_reset()
+                # A flush publishes nothing: open streams would wait for a keep-alive
+                # to find their run gone. They end now with a retry hint instead.
+                self._listener.lose_watches()
                 self._restore_pending = True
             self._generation = generation
             if self._restore_pending:

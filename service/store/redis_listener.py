@@ -136,7 +136,7 @@ class NotificationListener:
                 if self._closing:
                     return
                 log.warning("store_listener_disconnected", error=str(exc), retry_in=backoff)
-                self._lose_watches()
+                self.lose_watches()
             finally:
                 self._pubsub = None
                 with contextlib.suppress(Exception):
@@ -177,8 +177,9 @@ class NotificationListener:
         for watch in self._watches.get(channel, ()):
             watch.notify()
 
-    def _lose_watches(self) -> None:
-        """Disconnected: events may pass unseen, so every watcher is told to stop."""
+    def lose_watches(self) -> None:
+        """Disconnected (or the store was reset): events may pass unseen, or the runs
+        watched may be gone, so every watcher is told to stop."""
         for watches in self._watches.values():
             for watch in watches:
                 watch.lose()

@@ -107,3 +107,16 @@ async def test_a_stream_whose_run_vanished_ends_with_retry(
     chunks = await task
     assert ended_with_retry(chunks), chunks
     assert b"no longer in the store" in chunks[-1]
+
+
+async def test_a_noticed_reset_ends_open_streams_at_once(
+    redis_store: RedisRunStore, redis_server: RedisServer
+) -> None:
+    """No publish after the flush: the store's own generation check ends the stream."""
+    _, stream = await open_stream(redis_store)
+    await redis_store.heartbeat("stream-worker", 15.0)  # the generation is known
+    task = await waiting(stream)
+    redis_server.flush()
+    await redis_store.heartbeat("stream-worker", 15.0)  # notices the reset
+    chunks = await task
+    assert ended_with_retry(chunks), chunks
