@@ -15,7 +15,7 @@ import pytest
 import structlog
 import trustme
 
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.metrics import Metrics
 from service.pod_deletion_cost import PodDeletionCost
 from tests.integration.fake_kube_api import (
@@ -289,3 +289,15 @@ async def test_the_cost_is_the_active_run_count_within_int32(
     runs.active = 2**40
     await updater.tick()
     assert api.patched_values() == [str(2**31 - 1)]
+
+
+async def test_a_ca_file_that_is_no_certificate_stops_the_start(api: FakeKubeAPI) -> None:
+    (api.sa_dir / "ca.crt").write_text("not a certificate", encoding="utf-8")
+    settings = settings_for(api).pod_deletion_cost
+    assert settings is not None
+    updater = PodDeletionCost(
+        settings, active_count=lambda: 0, draining=lambda: False, metrics=Metrics(max_active_runs=1)
+    )
+    with pytest.raises(ConfigError, match="QUIESCE_POD_DELETION_COST: cannot load the cluster CA"):
+        await updater.start()
+    await updater.stop()
