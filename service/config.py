@@ -9,6 +9,7 @@ say so in its first log line, not fail later in a request.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Mapping
@@ -26,6 +27,12 @@ _HOSTNAME_RE = re.compile(
     r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+#: A pod's name is a DNS subdomain (RFC 1123): what the API path may carry.
+_POD_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+#: A namespace's name is a DNS label (RFC 1123).
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+#: Where Kubernetes mounts the pod's service-account token, cluster CA and namespace.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 #: What leaving a signing secret unset means, for the error on an empty one.
 _SIGNING_UNSET = {
     "QUIESCE_CALLBACK_SECRET": "send callbacks unsigned",
@@ -35,6 +42,22 @@ _SIGNING_UNSET = {
 
 class ConfigError(ValueError):
     """A variable of the environment has a value the service cannot run with."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodDeletionCostSettings:
+    """How this pod reaches the Kubernetes API to annotate itself (README, "Busy-aware
+    scale-in"). Present only when ``QUIESCE_POD_DELETION_COST`` is on."""
+
+    #: At most one PATCH per this many seconds (``QUIESCE_POD_DELETION_COST_INTERVAL_SECONDS``).
+    interval_seconds: float = 10.0
+    #: ``https://KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT``.
+    api_url: str
+    namespace: str
+    pod_name: str
+    #: Read again before every request: bound tokens are rotated by the kubelet.
+    token_file: str
+    ca_file: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,10 +84,19 @@ class Settings:
     #: How deeply a create body's JSON may nest; deeper bodies are refused (400)
     #: before they are decoded, so a hostile body cannot exhaust the decoder's stack.
     max_json_depth: int = 64
+    #: Keep the pod's deletion-cost annotation in step with its active runs (off: None).
+    pod_deletion_cost: PodDeletionCostSettings | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        """Read and validate every variable; raise ConfigError naming the first bad one."""
+    def from_env(
+        cls, environ: Mapping[str, str], *, service_account_dir: str = SERVICE_ACCOUNT_DIR
+    ) -> Settings:
+        """Read and validate every variable; raise ConfigError naming the first bad one.
+
+        ``service_account_dir`` is where the pod's service-account files are mounted;
+        it is read only when ``QUIESCE_POD_DELETION_COST`` is on (tests point it at
+        their own files).
+        """
         env = _Env(environ)
         return cls(
             port=env.integer("PORT", 8000, minimum=1, maximum=65535),
@@ -88,6 +120,7 @@ class Settings:
                 "QUIESCE_REQUEST_BODY_TIMEOUT_SECONDS", 10.0, minimum=0, exclusive=True
             ),
             max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
+            pod_deletion_cost=env.pod_deletion_cost(service_account_dir),
         )
 
 
@@ -212,6 +245,67 @@ class _Env:
         if value == "console":
             return "console"
         raise ConfigError(f"QUIESCE_LOG_FORMAT: expected 'json' or 'console', got {value!r}")
+
+    def flag(self, name: str) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return False
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{name}: expected 'true' or 'false', got {value!r}")
+
+    def pod_deletion_cost(self, service_account_dir: str) -> PodDeletionCostSettings | None:
+        interval = self.number("QUIESCE_POD_DELETION_COST_INTERVAL_SECONDS", 10.0, minimum=1)
+        if not self.flag("QUIESCE_POD_DELETION_COST"):
+            return None
+        return _in_cluster(interval, self._environ, service_account_dir)
+
+
+def _in_cluster(
+    interval: float, environ: Mapping[str, str], sa_dir: str
+) -> PodDeletionCostSettings:
+    """The in-cluster API's address, this pod's name and namespace, and the mounted
+    credentials — checked now, because the operator asked for the feature: a pod that
+    cannot reach the API says so in its first log line instead of failing every PATCH."""
+    name = "QUIESCE_POD_DELETION_COST"
+    host = (environ.get("KUBERNETES_SERVICE_HOST") or "").strip()
+    port = (environ.get("KUBERNETES_SERVICE_PORT") or "").strip()
+    if not host or not port:
+        raise ConfigError(
+            f"{name}: KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not set "
+            "(not running in a Kubernetes pod); unset it to run without it"
+        )
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: KUBERNETES_SERVICE_PORT is not a port, got {port!r}")
+    pod_name = (environ.get("POD_NAME") or environ.get("QUIESCE_WORKER_ID") or "").strip()
+    if not _POD_NAME_RE.match(pod_name):
+        raise ConfigError(
+            f"{name}: needs the pod's name in POD_NAME (or QUIESCE_WORKER_ID) from the "
+            f"downward API (fieldPath: metadata.name), got {pod_name!r}"
+        )
+    files = {part: os.path.join(sa_dir, part) for part in ("token", "ca.crt", "namespace")}
+    for part, path in files.items():
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"{name}: no service-account {part} at {path} "
+                "(mount the token: automountServiceAccountToken: true)"
+            )
+    try:
+        with open(files["namespace"], encoding="utf-8") as namespace_file:
+            namespace = namespace_file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read {files['namespace']}: {exc}") from None
+    if not _NAMESPACE_RE.match(namespace):
+        raise ConfigError(f"{name}: {files['namespace']} holds no namespace name")
+    api_host = f"[{host}]" if ":" in host else host
+    return PodDeletionCostSettings(
+        interval_seconds=interval,
+        api_url=f"https://{api_host}:{port}",
+        namespace=namespace,
+        pod_name=pod_name,
+        token_file=files["token"],
+        ca_file=files["ca.crt"],
+    )
 
 
 def _split_list(value: str | None) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ REJECT_REASONS: Final = ("draining", "capacity", "invalid", "unauthorized", "sto
 CANCEL_REASONS: Final = ("user", "shutdown", "timeout")
 FINISHED_STATUSES: Final = ("succeeded", "failed", "cancelled")
 CALLBACK_OUTCOMES: Final = ("delivered", "failed")
+POD_DELETION_COST_OUTCOMES: Final = ("updated", "failed")
 #: Runs last from milliseconds to a day; the buckets span that range.
 RUN_DURATION_BUCKETS: Final = (
     0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400,
@@ -136,6 +137,12 @@ class Metrics:
             "Requests answered 408 because their body did not arrive in time.",
             registry=r,
         )
+        self.pod_deletion_cost_updates = Counter(
+            "quiesce_pod_deletion_cost_updates_total",
+            "Requests to the Kubernetes API for this pod's deletion-cost annotation, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
 
         self.max_active_runs.set(max_active_runs)
         # Series exist from the first scrape, so rate() and alerts see a zero, not a gap.
@@ -143,6 +150,8 @@ class Metrics:
             self.runs_rejected.labels(reason)
         for outcome in CALLBACK_OUTCOMES:
             self.callbacks.labels(outcome)
+        for outcome in POD_DELETION_COST_OUTCOMES:
+            self.pod_deletion_cost_updates.labels(outcome)
         for task in task_names:
             self.runs_started.labels(task)
             for status in FINISHED_STATUSES:

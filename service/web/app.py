@@ -32,6 +32,7 @@ from service.errors import QuiesceError
 from service.lifecycle import Lifecycle
 from service.logging import Redactor, configure_logging
 from service.metrics import Metrics
+from service.pod_deletion_cost import PodDeletionCost
 from service.reaper import Reaper
 from service.scheduler import Scheduler
 from service.store import open_store
@@ -107,6 +108,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 on_finished=callbacks.send,
             )
             await reaper.start()
+            pod_cost = None
+            if settings.pod_deletion_cost is not None:
+                pod_cost = PodDeletionCost(
+                    settings.pod_deletion_cost,
+                    active_count=lambda: len(scheduler.active_runs()),
+                    draining=lifecycle.draining.is_set,
+                    metrics=app_metrics,
+                )
+                await pod_cost.start()
             app.state.services = Services(
                 settings=settings,
                 metrics=app_metrics,
@@ -132,6 +142,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 if lifecycle.trigger is None:
                     lifecycle.begin_drain("server_shutdown")
                 await lifecycle.wait_stopped()
+                if pod_cost is not None:
+                    await pod_cost.stop()
                 await callbacks.close(within=_callback_budget(lifecycle))
                 # Every run finalized: give the lease up; else let it expire, and a
                 # peer reaps what this process could not write.
