@@ -4,7 +4,8 @@ While a stream is open Redis is stopped (then restarted empty) or frozen. The
 stream must end with a ``retry:`` hint — not hang until a keep-alive, not close
 without a word — and the client's reconnect (with ``Last-Event-ID``) must get the
 ordinary answers: 503 + ``Retry-After`` while the store is down, 404 once it is
-back without the run, the stream again once it is back with it.
+back without the run, the stream again once it is back with it (a run the replica
+still executes is written back when it notices the store was reset).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -95,15 +96,36 @@ async def wait_ready(client: httpx.AsyncClient) -> None:
 
 async def test_redis_stopped_then_back_empty(server: Server, redis_server: RedisServer) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=GENEROUS_SECONDS) as client:
+        finished = await client.post("/v1/runs", json={"task": "sleep", "input": {"seconds": 0}})
+        finished_id = finished.json()["run_id"]
+        await wait_for(lambda: status_of(client, finished_id), "succeeded")
         run_id, last_id = await open_then(client, redis_server.stop)
         down = await resume(client, run_id, last_id)
         assert down.status_code == 503
         assert int(down.headers["retry-after"]) >= 1
 
-        redis_server.start()  # empty: the run is gone
+        redis_server.start()  # empty: every run is gone
         await wait_ready(client)
-        gone = await resume(client, run_id, last_id)
+        # A finished run went with the data: the reconnect is told so.
+        gone = await resume(client, finished_id, last_id)
         assert gone.status_code == 404
+        # The run this replica still executes is written back once the reset is
+        # noticed, and its stream is served again.
+        await wait_for(lambda: status_of(client, run_id), "running")
+        back = await resume(client, run_id, last_id)
+        assert back.status_code == 200
+
+
+async def status_of(client: httpx.AsyncClient, run_id: str) -> str | None:
+    response = await client.get(f"/v1/runs/{run_id}")
+    return response.json()["status"] if response.status_code == 200 else None
+
+
+async def wait_for(read: Callable[[], Awaitable[object]], expected: object) -> None:
+    deadline = asyncio.get_running_loop().time() + GENEROUS_SECONDS
+    while await read() != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"never {expected}"
+        await asyncio.sleep(0.05)
 
 
 async def test_redis_frozen_then_thawed(server: Server, thawed_after: RedisServer) -> None:
