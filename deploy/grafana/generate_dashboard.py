@@ -294,6 +294,20 @@ ROWS: Final = (
                 width=6,
                 stacked=True,
             ),
+            Panel(
+                "Pod deletion cost updates",
+                "Annotation updates that rank idle pods first for scale-in, when "
+                "QUIESCE_POD_DELETION_COST is on; failed ones are retried with backoff.",
+                (
+                    Query(
+                        rate("quiesce_pod_deletion_cost_updates_total", "pod, outcome"),
+                        "{{pod}} {{outcome}}",
+                    ),
+                ),
+                unit="reqps",
+                width=24,
+                height=6,
+            ),
         ),
     ),
     Row(
