@@ -20,6 +20,7 @@ from typing import Final
 
 from litestar import Response, Router, get
 from litestar.enums import MediaType
+from litestar.params import FromPath
 
 #: The policy of every console response (see the module docstring).
 CONTENT_SECURITY_POLICY: Final = (
@@ -58,14 +59,14 @@ def overview() -> Response[bytes]:
 
 
 @get("/runs/{run_id:str}", include_in_schema=False, sync_to_thread=False)
-def run_page(run_id: str) -> Response[bytes]:
+def run_page(run_id: FromPath[str]) -> Response[bytes]:
     """One run: its record and its live events. The script reads the id from the path."""
     del run_id  # the shell is the same for every run; it holds no data
     return _page()
 
 
 @get("/static/{name:str}", include_in_schema=False, sync_to_thread=False)
-def static(name: str) -> Response[bytes]:
+def static(name: FromPath[str]) -> Response[bytes]:
     media_type = _STATIC.get(name)
     if media_type is None:
         return Response(b"not found", status_code=404, media_type=MediaType.TEXT,
