@@ -49,6 +49,10 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def browser(chromium: str) -> Iterator[Any]:
+    from playwright.sync_api import expect
+
+    # How long an expectation waits for the page (not a measurement): room for a slow CI.
+    expect.set_options(timeout=15_000)
     with launch(chromium) as instance:
         yield instance
 
