@@ -35,14 +35,17 @@ from service.metrics import Metrics
 from service.pod_deletion_cost import PodDeletionCost
 from service.reaper import Reaper
 from service.scheduler import Scheduler
+from service.schemas import RunRecord
 from service.store import open_store
 from service.tasks.loader import build_registry
 from service.web import openapi
 from service.web.admin import AdminController
+from service.web.console import console_router
 from service.web.errors import after_exception, handle_quiesce_error
 from service.web.http_metrics import http_metrics_middleware
 from service.web.limits import connection_limits
 from service.web.probes import healthz, metrics, readyz
+from service.web.recent_runs import STATE_KEY, RecentRuns, RecentRunsController
 from service.web.runs import RunsController
 from service.web.state import Services, provide_services
 from service.webhooks import WebhookKey
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app_metrics = Metrics(
         max_active_runs=settings.max_active_runs, task_names=[t.name for t in registry]
     )
+    recent_runs = RecentRuns()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -92,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 worker_id=settings.worker_id,
                 max_active_runs=settings.max_active_runs,
                 default_timeout_seconds=settings.run_timeout_seconds,
-                on_finished=callbacks.send,
+                on_finished=lambda record: _finished(record, recent_runs, callbacks),
             )
             lifecycle = Lifecycle(scheduler, grace_seconds=settings.shutdown_grace_seconds)
             store.on_reset(
@@ -152,9 +156,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 log.info("stopped")
 
     app = Litestar(
-        route_handlers=[RunsController, AdminController, healthz, readyz, metrics],
+        route_handlers=[
+            RunsController,
+            AdminController,
+            RecentRunsController,
+            console_router,
+            healthz,
+            readyz,
+            metrics,
+        ],
         lifespan=[lifespan],
-        state=State({"settings": settings}),
+        state=State({"settings": settings, STATE_KEY: recent_runs}),
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={QuiesceError: handle_quiesce_error},
         after_exception=[after_exception],
@@ -178,6 +190,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     openapi.complete(app.openapi_schema, registry)
     return app
+
+
+def _finished(record: RunRecord, recent_runs: RecentRuns, callbacks: CallbackSender) -> None:
+    """A run this replica finished: list it for the console, then send its callback."""
+    recent_runs.finished(record)
+    callbacks.send(record)
 
 
 def _callback_budget(lifecycle: Lifecycle) -> float:

@@ -29,6 +29,7 @@ STATUS_CODES = {
     ("get", "/v1/tasks"): {"200", "401"},
     ("post", "/admin/drain"): {"202", "400", "401"},
     ("get", "/admin/state"): {"200", "401"},
+    ("get", "/admin/runs"): {"200", "401"},
     ("get", "/healthz"): {"200"},
     ("get", "/readyz"): {"200", "503"},
     ("get", "/metrics"): {"200"},

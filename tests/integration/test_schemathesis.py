@@ -136,6 +136,7 @@ OPERATIONS = (
     "cancelRun",
     "listTasks",
     "replicaState",
+    "recentRuns",
     "healthz",
     "readyz",
     "metrics",
