@@ -48,9 +48,13 @@ class Reaper:
         lease_ttl_seconds: float,
         now: Callable[[], datetime] = utcnow,
         on_finished: Callable[[RunRecord], None] | None = None,
+        finisher: Finisher | None = None,
     ) -> None:
         self._store = store
-        self._finisher = Finisher(store=store, metrics=metrics, on_finished=on_finished, now=now)
+        #: The process's one finish path (the scheduler's), when it has one.
+        self._finisher = finisher or Finisher(
+            store=store, metrics=metrics, on_finished=on_finished, now=now
+        )
         self._metrics = metrics
         self._worker_id = worker_id
         self._ttl = lease_ttl_seconds

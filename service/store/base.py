@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Final, Protocol
 
-from service.errors import InvalidInput, StoreUnavailable
+from service.errors import InvalidCursor, StoreUnavailable
 from service.schemas import Event, RunProgress, RunRecord, RunStarted
 
 #: Events kept per run; older progress events are trimmed first (the terminal event
@@ -45,20 +45,14 @@ MAX_CURSOR_PART: Final = 2**64 - 1
 def parse_cursor(cursor: str) -> tuple[int, int]:
     """Check a client-supplied cursor (``<ms>-<seq>``, as Redis stream ids are)."""
     if not _CURSOR_RE.match(cursor):
-        raise InvalidInput(
-            f"invalid cursor {cursor[:64]!r}: expected the id of an event",
-            field="after",
-            source="query",
-        )
+        raise InvalidCursor(f"invalid cursor {cursor[:64]!r}: expected the id of an event")
     ms, seq = (int(part) for part in cursor.split("-"))
     if ms > MAX_CURSOR_PART or seq > MAX_CURSOR_PART or ms == seq == MAX_CURSOR_PART:
         # Redis stream ids are two unsigned 64-bit numbers: it refuses a larger one, and
         # an exclusive range cannot start after the largest.
-        raise InvalidInput(
+        raise InvalidCursor(
             f"invalid cursor {cursor[:64]!r}: each part must fit in 64 bits, "
-            "and no event can follow the largest id",
-            field="after",
-            source="query",
+            "and no event can follow the largest id"
         )
     return ms, seq
 

@@ -37,7 +37,7 @@ TaskFn = Callable[["RunContext", ParamsT], Coroutine[Any, Any, Any]]
 
 
 class RunContext:
-    """What a running task may use. One is made per run by the scheduler."""
+    """What a running task may use. One is made per run (by :class:`RunContexts`)."""
 
     __slots__ = ("_emit", "deadline", "http", "log", "run_id")
 
@@ -68,6 +68,29 @@ class RunContext:
         ``emit`` waits for room.
         """
         return await self._emit(data)
+
+
+class RunContexts:
+    """Makes each run's :class:`RunContext`.
+
+    It holds what every run shares — the process's HTTP client — so that the
+    scheduler, which only asks for a context, knows nothing of HTTP clients.
+    """
+
+    __slots__ = ("_http",)
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    def make(
+        self,
+        *,
+        run_id: str,
+        emit: Callable[[dict[str, Any]], Awaitable[bool]],
+        log: structlog.typing.FilteringBoundLogger,
+        deadline: datetime,
+    ) -> RunContext:
+        return RunContext(run_id=run_id, emit=emit, http=self._http, log=log, deadline=deadline)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from litestar.testing import AsyncTestClient
 from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.runs.drain import DrainProgress
+from service.scheduler import Scheduler
 from service.web.state import Services, services_of
 
 Client = AsyncTestClient[Any]
@@ -188,3 +190,11 @@ async def _raw_get(
     for task in pending:
         task.cancel()
     return response
+
+
+async def drained(scheduler: Scheduler, grace: float, trigger: str = "test") -> DrainProgress:
+    """Trigger the scheduler's drain with ``grace`` (or shorten it to that) and wait for it."""
+    scheduler.drain.begin(trigger, grace_seconds=grace)
+    progress = await scheduler.drain.wait()
+    assert progress is not None
+    return progress
