@@ -61,6 +61,9 @@ class Settings:
     #: How deeply a create body's JSON may nest; deeper bodies are refused (400)
     #: before they are decoded, so a hostile body cannot exhaust the decoder's stack.
     max_json_depth: int = 64
+    #: A drain stops runs that will be retried on ``shutdown`` at its start (another
+    #: replica adopts them) instead of at the end of the grace.
+    handoff_on_drain: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -88,6 +91,7 @@ class Settings:
                 "QUIESCE_REQUEST_BODY_TIMEOUT_SECONDS", 10.0, minimum=0, exclusive=True
             ),
             max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
+            handoff_on_drain=env.flag("QUIESCE_HANDOFF_ON_DRAIN"),
         )
 
 
@@ -132,6 +136,16 @@ class _Env:
             relation = ">" if exclusive else ">="
             raise ConfigError(f"{name}: must be {relation} {minimum:g}, got {value}")
         return parsed
+
+    def flag(self, name: str) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return False
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
     def set_value(self, name: str, *, when_unset: str) -> str | None:
         """None when ``name`` is absent; an explicitly empty (or blank) value is refused.

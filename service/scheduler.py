@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-from service.errors import StoreUnavailable
+import msgspec
+
+from service.errors import RunNotFound, StoreUnavailable
 from service.finish import Finisher
 from service.metrics import Metrics
 from service.runs.active import ActiveRuns
 from service.runs.admission import Admission, Admitter, KeyNamespace, new_run_id, run_id_for_key
+from service.runs.adoption import Adopter
 from service.runs.drain import DRAIN_FINALIZE_BUDGET_SECONDS, Drain, DrainProgress
 from service.runs.supervision import Supervisor
-from service.schemas import CreateRunRequest, RunRecord, utcnow
+from service.schemas import CreateRunRequest, RunError, RunRecord, utcnow
 from service.store.base import CancelOutcome, RunStore
 from service.tasks.base import RunContexts, TaskRegistry
 
@@ -36,6 +39,8 @@ __all__ = [
 
 #: The drain's grace when none is configured (QUIESCE_SHUTDOWN_GRACE_SECONDS's default).
 DEFAULT_GRACE_SECONDS = 25.0
+#: A cancel of a queued run that keeps losing to adoptions gives up after this many.
+QUEUED_CANCEL_ATTEMPTS: Final = 3
 
 
 class Scheduler:
@@ -50,6 +55,7 @@ class Scheduler:
         max_active_runs: int,
         default_timeout_seconds: float,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        handoff_on_drain: bool = False,
         now: Callable[[], datetime] = utcnow,
         on_finished: Callable[[RunRecord], None] | None = None,
     ) -> None:
@@ -72,14 +78,29 @@ class Scheduler:
             spawn=self._spawn,
             now=now,
         )
+        #: Takes queued runs for their next attempt (started by the app once ready).
+        self.adopter = Adopter(
+            store=store,
+            registry=registry,
+            runs=self.runs,
+            supervisor=self.supervisor,
+            finisher=self.finisher,
+            metrics=metrics,
+            worker_id=worker_id,
+            now=now,
+        )
+        self.runs.on_change = self.adopter.nudge
         #: The one drain of this process (``drain.begin`` is its only entry point).
         self.drain = Drain(
             runs=self.runs,
             finisher=self.finisher,
             metrics=metrics,
             grace_seconds=grace_seconds,
+            stop=self.supervisor.stop,
+            handoff=handoff_on_drain,
             now=now,
         )
+        self._now = now
         store.listen_for_cancels(worker_id, self)
 
     # --- state ----------------------------------------------------------------------
@@ -114,11 +135,39 @@ class Scheduler:
     # --- cancellation ---------------------------------------------------------------
 
     async def cancel(self, run_id: str) -> CancelOutcome:
-        """Request cancellation of a run wherever it runs (RunNotFound if none)."""
-        outcome = await self._store.request_cancel(run_id)
-        if outcome is CancelOutcome.REQUESTED:
-            self.cancel_requested(run_id)  # ours? then no need to wait for the notification
-        return outcome
+        """Request cancellation of a run wherever it runs (RunNotFound if none).
+
+        A run waiting in the queue has no owner to tell: it is written ``cancelled``
+        here, unless a replica adopted it in the meantime (then its owner is told).
+        """
+        for _ in range(QUEUED_CANCEL_ATTEMPTS):
+            outcome = await self._store.request_cancel(run_id)
+            if outcome is CancelOutcome.REQUESTED:
+                self.cancel_requested(run_id)  # ours? no need to wait for the notification
+            if outcome is not CancelOutcome.QUEUED:
+                return outcome
+            if await self._cancel_queued(run_id):
+                return CancelOutcome.REQUESTED
+        return CancelOutcome.REQUESTED  # adopted and queued again meanwhile, repeatedly
+
+    async def _cancel_queued(self, run_id: str) -> bool:
+        record = await self._store.get(run_id)
+        if record is None:
+            raise RunNotFound(f"run {run_id} not found")
+        if record.status != "queued":
+            return False
+        now = self._now()
+        cancelled = msgspec.structs.replace(
+            record,
+            status="cancelled",
+            updated_at=now,
+            finished_at=now,
+            error=RunError(reason="cancelled", message="cancelled by request while queued"),
+        )
+        won = await self.finisher.finish_queued(cancelled)
+        if won:
+            self._metrics.run_cancellations.labels(record.task, "user").inc()
+        return won
 
     def cancel_requested(self, run_id: str) -> None:
         """CancelListener: a user cancel for a run of this worker."""

@@ -9,7 +9,7 @@ asyncio. Closing the table is the only "draining" flag admission reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,6 +59,8 @@ class ActiveRuns:
         self.max_active_runs = max_active_runs
         self._runs: dict[str, ActiveRun] = {}
         self._closed = False
+        #: Called when a slot frees up or the table closes (the adopter listens).
+        self.on_change: Callable[[], None] = _nothing
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -76,6 +78,7 @@ class ActiveRuns:
     def close(self) -> None:
         """Admit nothing from now on (the drain has begun)."""
         self._closed = True
+        self.on_change()
 
     def reserve(self, active: ActiveRun) -> None:
         if self._closed:
@@ -88,8 +91,23 @@ class ActiveRuns:
         self._runs[active.run_id] = active
         self._metrics.active_runs.set(len(self._runs))
 
+    def take(self, active: ActiveRun) -> bool:
+        """Hold an adopted run: False once the table is closed (the drain began while
+        it was being claimed). Its slot was counted before the claim, so a create that
+        came in meanwhile may leave the table over its limit by that batch, briefly."""
+        if self._closed:
+            return False
+        self._runs[active.run_id] = active
+        self._metrics.active_runs.set(len(self._runs))
+        return True
+
     def release(self, active: ActiveRun) -> None:
         if self._runs.get(active.run_id) is active:
             del self._runs[active.run_id]
             self._metrics.active_runs.set(len(self._runs))
+            self.on_change()
         active.done.set()
+
+
+def _nothing() -> None:
+    return None

@@ -122,7 +122,9 @@ class Admitter:
                 created_at=active.record.created_at,
                 data=RunStartedData(worker_id=self._worker_id),
             )
-            await self._store.create(active.record, started)
+            # A run that may be retried keeps its input, for the replica that adopts it.
+            kept = None if active.record.retry is None else request.input
+            await self._store.create(active.record, started, input=kept)
         except BaseException:
             self._runs.release(active)
             if claimed:
@@ -135,6 +137,7 @@ class Admitter:
         self, run_id: str, task: Task[Any], params: msgspec.Struct, request: CreateRunRequest
     ) -> ActiveRun:
         timeout = request.timeout_seconds or self._default_timeout
+        policy = request.retry or task.retry
         now = self._now()
         record = RunRecord(
             run_id=run_id,
@@ -146,6 +149,8 @@ class Admitter:
             metadata=request.metadata,
             timeout_seconds=timeout,
             callback_url=request.callback_url,
+            max_attempts=1 if policy is None else policy.max_attempts,
+            retry=policy,
         )
         loop_now = asyncio.get_running_loop().time()
         active = ActiveRun(

@@ -8,10 +8,13 @@ task; a later call never restarts or extends it, but may *shorten* what is left 
 the grace (the main process died during a normal drain: there is no time left to
 wait). The drain then
 
-1. waits until the grace ends for the active runs to finish;
+1. waits until the grace ends for the active runs to finish — except, with
+   ``handoff`` (``QUIESCE_HANDOFF_ON_DRAIN``), runs that will be retried on
+   ``shutdown``: those are stopped at once, so another replica adopts them while
+   the rollout goes on;
 2. stops the rest, and writes each one ``failed``/``shutdown`` through the
-   :class:`~service.finish.Finisher`, all at once, within
-   :data:`DRAIN_FINALIZE_BUDGET_SECONDS`;
+   :class:`~service.finish.Finisher` (which requeues a run whose retry policy lists
+   ``shutdown`` instead), all at once, within :data:`DRAIN_FINALIZE_BUDGET_SECONDS`;
 3. sets :attr:`Drain.stopped` and runs the ``on_stopped`` callbacks (under Granian,
    that is where the server is told to stop).
 """
@@ -29,7 +32,7 @@ import structlog
 
 from service.finish import Finisher
 from service.metrics import Metrics
-from service.runs.active import ActiveRun, ActiveRuns
+from service.runs.active import ActiveRun, ActiveRuns, CancelReason
 from service.runs.supervision import stopped_record
 from service.schemas import RunRecord, utcnow
 
@@ -58,9 +61,13 @@ class Drain:
         finisher: Finisher,
         metrics: Metrics,
         grace_seconds: float,
+        stop: Callable[[str, CancelReason], None],
+        handoff: bool = False,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self._runs = runs
+        self._stop = stop
+        self._handoff = handoff
         self._finisher = finisher
         self._metrics = metrics
         self._grace = grace_seconds
@@ -136,6 +143,8 @@ class Drain:
     async def _run(self, progress: DrainProgress) -> None:
         try:
             log.info("drain_started", active_runs=len(self._runs), grace_seconds=self._grace)
+            if self._handoff:
+                self._hand_off(progress)
             await self._wait_for_runs(lambda: self._cancel_at or 0.0)
             if len(self._runs):
                 await self._stop_leftovers(progress)
@@ -147,6 +156,18 @@ class Drain:
             self.stopped.set()
             for callback in self._on_stopped:
                 callback()
+
+    def _hand_off(self, progress: DrainProgress) -> None:
+        """Stop now every run that will be requeued for a shutdown (its next attempt
+        starts on another replica); the others keep their grace."""
+        handed = 0
+        for active in self._runs:
+            policy = active.record.retry
+            if policy is not None and policy.retries("shutdown", active.record.attempt):
+                self._stop(active.run_id, "shutdown")
+                handed += 1
+        progress.cancelled += handed
+        log.info("drain_handing_off", runs=handed)
 
     async def _wait_for_runs(self, until: Callable[[], float]) -> None:
         """Until every run present now is done, or the loop time ``until()`` (which a

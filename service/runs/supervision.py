@@ -55,8 +55,12 @@ class Supervisor:
         self._metrics = metrics
         self._contexts = contexts
 
-    def start(self, active: ActiveRun) -> None:
-        self._metrics.runs_started.labels(active.task.name).inc()
+    def start(self, active: ActiveRun, *, adopted: bool = False) -> None:
+        """Run it: a new run (counted as started) or a queued run's next attempt."""
+        if adopted:
+            self._metrics.runs_adopted.labels(active.task.name).inc()
+        else:
+            self._metrics.runs_started.labels(active.task.name).inc()
         # A fresh context: the run must not inherit the request's bound log context.
         active.supervisor = asyncio.create_task(
             self._supervise(active),
@@ -75,7 +79,11 @@ class Supervisor:
 
     async def _supervise(self, active: ActiveRun) -> None:
         structlog.contextvars.bind_contextvars(run_id=active.run_id, task=active.task.name)
-        log.info("run_started", timeout_seconds=active.record.timeout_seconds)
+        log.info(
+            "run_started",
+            timeout_seconds=active.record.timeout_seconds,
+            attempt=active.record.attempt,
+        )
         try:
             active.outcome = await self._execute(active)
             # Every progress event accepted so far goes first: the terminal one is last.
@@ -92,11 +100,13 @@ class Supervisor:
         if active.cancel_reason is not None:  # cancelled while being admitted
             return stopped_record(active, active.cancel_reason, self._now())
         loop = asyncio.get_running_loop()
+        # The deadline is this attempt's: ``timeout_seconds`` from its start.
         context = self._contexts.make(
             run_id=active.run_id,
             emit=active.outbox.emit,
             log=log,
-            deadline=active.record.created_at + timedelta(seconds=active.record.timeout_seconds),
+            deadline=self._now() + timedelta(seconds=max(0.0, active.deadline - loop.time())),
+            attempt=active.record.attempt,
         )
         work: asyncio.Task[Any] = asyncio.create_task(active.task.fn(context, active.params))
         active.wake = loop.create_future()

@@ -30,7 +30,7 @@ import msgspec
 import structlog
 
 from service.errors import InvalidInput, UnknownTask
-from service.schemas import describe_validation_error
+from service.schemas import RetryPolicy, describe_validation_error
 
 ParamsT = TypeVar("ParamsT", bound=msgspec.Struct)
 TaskFn = Callable[["RunContext", ParamsT], Coroutine[Any, Any, Any]]
@@ -39,7 +39,7 @@ TaskFn = Callable[["RunContext", ParamsT], Coroutine[Any, Any, Any]]
 class RunContext:
     """What a running task may use. One is made per run (by :class:`RunContexts`)."""
 
-    __slots__ = ("_emit", "deadline", "http", "log", "run_id")
+    __slots__ = ("_emit", "attempt", "deadline", "http", "log", "run_id")
 
     def __init__(
         self,
@@ -49,13 +49,17 @@ class RunContext:
         http: httpx.AsyncClient,
         log: structlog.typing.FilteringBoundLogger,
         deadline: datetime,
+        attempt: int = 1,
     ) -> None:
         self.run_id = run_id
+        #: 1 for the first attempt; more for a run retried under its ``retry`` policy
+        #: (a task that is not idempotent as a whole can skip what an earlier attempt did).
+        self.attempt = attempt
         #: The process-wide HTTP client: reuse its connections, do not close it.
         self.http = http
         #: A logger with ``run_id`` and ``task`` bound.
         self.log = log
-        #: When the run times out (UTC); the task is cancelled at that moment.
+        #: When this attempt times out (UTC); the task is cancelled at that moment.
         self.deadline = deadline
         self._emit = emit
 
@@ -89,8 +93,11 @@ class RunContexts:
         emit: Callable[[dict[str, Any]], Awaitable[bool]],
         log: structlog.typing.FilteringBoundLogger,
         deadline: datetime,
+        attempt: int = 1,
     ) -> RunContext:
-        return RunContext(run_id=run_id, emit=emit, http=self._http, log=log, deadline=deadline)
+        return RunContext(
+            run_id=run_id, emit=emit, http=self._http, log=log, deadline=deadline, attempt=attempt
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,9 @@ class Task(Generic[ParamsT]):
     #: Extra admission checks that need more than the Struct's own validation;
     #: raise InvalidInput with ``field`` set to refuse the input.
     check: Callable[[ParamsT], None] | None = field(default=None, compare=False)
+    #: The retry policy of a create that names none (None: no retries unless asked).
+    #: Declare one only for a task that is safe to run again from the start.
+    retry: RetryPolicy | None = None
 
     def parse_input(self, raw: dict[str, Any]) -> ParamsT:
         """Validate a create request's ``input`` (InvalidInput names the field path)."""
@@ -122,9 +132,17 @@ class Task(Generic[ParamsT]):
 
 
 def task(
-    name: str, *, description: str | None = None, check: Callable[[Any], None] | None = None
+    name: str,
+    *,
+    description: str | None = None,
+    check: Callable[[Any], None] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> Callable[[TaskFn[Any]], Task[Any]]:
-    """Declare a task; the input Struct is read from the annotation of ``params``."""
+    """Declare a task; the input Struct is read from the annotation of ``params``.
+
+    ``retry`` is the task's default retry policy (a create's own ``retry`` wins), e.g.
+    ``retry=RetryPolicy(max_attempts=3)`` for a task that may safely run again.
+    """
 
     def declare(fn: TaskFn[Any]) -> Task[Any]:
         if not inspect.iscoroutinefunction(fn):
@@ -136,7 +154,9 @@ def task(
         if not (isinstance(input_type, type) and issubclass(input_type, msgspec.Struct)):
             raise TypeError(f"task {name!r}: annotate {parameters[1]!r} with a msgspec.Struct")
         doc = description if description is not None else inspect.getdoc(fn) or ""
-        return Task(name=name, fn=fn, input_type=input_type, description=doc, check=check)
+        return Task(
+            name=name, fn=fn, input_type=input_type, description=doc, check=check, retry=retry
+        )
 
     return declare
 

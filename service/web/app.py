@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 max_active_runs=settings.max_active_runs,
                 default_timeout_seconds=settings.run_timeout_seconds,
                 grace_seconds=settings.shutdown_grace_seconds,
+                handoff_on_drain=settings.handoff_on_drain,
                 on_finished=callbacks.send,
             )
             lifecycle = Lifecycle(scheduler)
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # garbage collector's scans (a few percent of a busy worker's time).
             gc.freeze()
             lifecycle.mark_ready()
+            scheduler.adopter.start()
             try:
                 yield
             finally:
@@ -135,6 +137,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 # (begin is idempotent: after a drain it changes nothing)
                 scheduler.drain.begin("server_shutdown")
                 await scheduler.drain.wait()
+                await scheduler.adopter.stop()
                 await callbacks.close(within=_callback_budget(scheduler.drain))
                 # Every run finalized: give the lease up; else let it expire, and a
                 # peer reaps what this process could not write.

@@ -45,7 +45,7 @@ async def test_events_page_oldest_first_with_exclusive_cursor_and_limit(client: 
         {"step": 1, "of": 3}, {"step": 2, "of": 3}, {"step": 3, "of": 3},
     ]  # fmt: skip
     assert page["events"][-1]["data"] == {"output": {"slept": 0.03}}
-    assert page["events"][0]["data"] == {"worker_id": "worker-a"}
+    assert page["events"][0]["data"] == {"worker_id": "worker-a", "attempt": 1}
     assert page["next_cursor"] == ids[-1]
     assert all(event["created_at"].endswith("Z") for event in page["events"])
 
