@@ -2,9 +2,11 @@
 
 It is the default when no Redis URL is configured, for local use and tests. It
 keeps the same rules as the Redis store (see ``base``), but nothing survives the
-process and replicas cannot share it. Every method runs without awaiting
-anything in between its reads and writes, which is what makes each one atomic
-under asyncio.
+process and replicas cannot share it. Its pending queue of retried runs is
+therefore this process's own: a run queued after a ``timeout`` or ``error`` attempt
+is adopted again here, one queued by a drain is lost with the process. Every
+method runs without awaiting anything in between its reads and writes, which is
+what makes each one atomic under asyncio.
 """
 
 from __future__ import annotations
