@@ -178,8 +178,8 @@ class MemoryRunStore:
             return False
         if entry.record.is_terminal:
             return entry.record == record  # the same write again wins again, as in Redis
-        if entry.record.status != "running":
-            return False  # queued: only finalize_queued ends it
+        if entry.record.status != "running" or entry.record.worker_id != record.worker_id:
+            return False  # queued (only finalize_queued ends it), or another worker's attempt
         entry.record = record
         self._expire_in(record.run_id, entry, self._retention)
         self._add_event(entry, terminal_event_for(record))

@@ -356,6 +356,7 @@ class RedisRunStore(RedisQueueMethods):
             self._retention,
             self._max_events,
             EVENTS_CHANNEL_PREFIX + run_id,
+            record.worker_id,  # (only that worker's attempt is ended: see finalize.lua)
         ]
         command = _script("finalize", [run_key(run_id), events_key(run_id)], args)
         (won,) = await self._call("finalize", [command])

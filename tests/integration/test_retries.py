@@ -455,3 +455,34 @@ def test_a_finisher_requeues_only_what_its_policy_lists() -> None:
     assert finisher.requeue_of(ended("error")) is None
     assert finisher.requeue_of(ended("cancelled")) is None
     assert finisher.requeue_of(msgspec.structs.replace(ended("timeout"), retry=None)) is None
+
+
+async def test_a_cut_off_worker_cannot_end_the_attempt_that_now_runs_elsewhere(
+    store: RunStore,
+) -> None:
+    """Worker A was cut off past its lease: its run was requeued and adopted by B.
+    When A comes back with its (first) attempt's result, that write does not win."""
+    record = await created(store, worker_id="worker-a")
+    record = msgspec.structs.replace(record, retry=RetryPolicy(max_attempts=2), max_attempts=2)
+    queued = msgspec.structs.replace(record, status="queued")
+    requeued = RunRequeued(
+        created_at=utcnow(),
+        data=RunRequeuedData(attempt=1, reason="worker_lost", worker_id="worker-a"),
+    )
+    assert await store.requeue(queued, requeued) is True
+
+    def claim(current: RunRecord) -> Any:
+        running = msgspec.structs.replace(current, status="running", attempt=2, worker_id="b")
+        return running, started(running)
+
+    (adopted,) = await store.adopt("b", 1, claim)
+    now = utcnow()
+    late = msgspec.structs.replace(
+        record, status="succeeded", output={"from": "a"}, updated_at=now, finished_at=now
+    )
+    assert await store.finalize(late) is False
+    current = await store.get(record.run_id)
+    assert current is not None
+    assert (current.status, current.worker_id) == ("running", "b")
+    mine = msgspec.structs.replace(adopted.record, status="succeeded", finished_at=now)
+    assert await store.finalize(mine) is True
