@@ -32,7 +32,7 @@ from tests.conftest import build_store
 from tests.integration.support import drained
 from tests.integration.test_store_contract import created, started
 
-TASKS = ["flaky", "slow"]
+TASKS = ["flaky", "patient"]
 
 
 class Flaky(msgspec.Struct, forbid_unknown_fields=True):
@@ -50,9 +50,16 @@ async def flaky(ctx: RunContext, params: Flaky) -> dict[str, int]:
     return {"attempt": ctx.attempt}
 
 
+@task("patient", retry=RetryPolicy(max_attempts=2, on=["error"]))
+async def patient(ctx: RunContext, params: Flaky) -> dict[str, int]:
+    """The same work, with a default retry policy declared by the task."""
+    return await flaky.fn(ctx, params)  # type: ignore[no-any-return]
+
+
 def registry() -> TaskRegistry:
     tasks = TaskRegistry()
     tasks.add(flaky, origin="test")
+    tasks.add(patient, origin="test")
     return tasks
 
 
@@ -209,6 +216,21 @@ async def test_the_last_attempt_is_terminal_with_exactly_one_terminal_event(
         ("run_started", 2),
         ("run_failed", "error"),
     ]
+
+
+async def test_a_task_may_declare_its_default_policy_and_a_create_overrides_it(
+    replica: Replica, store: RunStore
+) -> None:
+    a = await replica("worker-a")
+    body = {"fail_on": [1], "seconds": [0.0]}
+    by_task = await a.create(CreateRunRequest(task="patient", input=body))
+    assert by_task.record.max_attempts == 2
+    record = await terminal(store, by_task.record.run_id)
+    assert (record.status, record.attempt) == ("succeeded", 2)
+    no_retry = RetryPolicy(max_attempts=1)
+    by_create = await a.create(CreateRunRequest(task="patient", input=body, retry=no_retry))
+    record = await terminal(store, by_create.record.run_id)
+    assert (record.status, record.attempt) == ("failed", 1)
 
 
 async def test_a_reason_not_listed_is_final(replica: Replica, store: RunStore) -> None:
