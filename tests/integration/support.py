@@ -62,7 +62,8 @@ async def wait_for_run(
         response = await client.get(f"/v1/runs/{run_id}")
         assert response.status_code == 200, response.text
         record = response.json()
-        if (status is None and record["status"] != "running") or record["status"] == status:
+        ended = record["status"] not in ("running", "queued")
+        if (status is None and ended) or record["status"] == status:
             return record
         await asyncio.sleep(0.02)
     raise AssertionError(f"run {run_id} is {record.get('status')!r} after {within}s")
