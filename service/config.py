@@ -86,6 +86,9 @@ class Settings:
     max_json_depth: int = 64
     #: Keep the pod's deletion-cost annotation in step with its active runs (off: None).
     pod_deletion_cost: PodDeletionCostSettings | None = None
+    #: A drain stops runs that will be retried on ``shutdown`` at its start (another
+    #: replica adopts them) instead of at the end of the grace.
+    handoff_on_drain: bool = False
 
     @classmethod
     def from_env(
@@ -121,6 +124,7 @@ class Settings:
             ),
             max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
             pod_deletion_cost=env.pod_deletion_cost(service_account_dir),
+            handoff_on_drain=env.flag("QUIESCE_HANDOFF_ON_DRAIN"),
         )
 
 
@@ -247,6 +251,7 @@ class _Env:
         raise ConfigError(f"QUIESCE_LOG_FORMAT: expected 'json' or 'console', got {value!r}")
 
     def flag(self, name: str) -> bool:
+        """``true`` or ``false`` (any case); unset is false."""
         value = self.raw(name)
         if value is None:
             return False

@@ -22,6 +22,14 @@ class InvalidInput(QuiesceError):
     """A request is well-formed JSON but its content is not acceptable (400)."""
 
 
+class InvalidCursor(QuiesceError):
+    """The store cannot read an event cursor: it is not the id of an event (400).
+
+    The store does not know where the cursor came from; the web layer says which
+    parameter carried it (``after`` unless told otherwise).
+    """
+
+
 class UnknownTask(QuiesceError):
     """The create request names a task that is not registered (422)."""
 

@@ -8,7 +8,7 @@ lifespan shutdown. A drain started there is too late. So, in the worker:
 
 1. At lifespan startup :func:`install` replaces the worker's SIGTERM/SIGINT handlers
    (which Granian put on the asyncio loop) with one that only calls
-   ``Lifecycle.begin_drain`` — the server keeps serving while the drain runs.
+   ``Drain.begin`` — the server keeps serving while the drain runs.
 2. When the drain has finished, the saved Granian handlers are put back and the
    worker sends itself SIGTERM: Granian stops as it always does, now with no run
    left and no stream open, and the process exits 0.
@@ -26,7 +26,8 @@ lifespan shutdown. A drain started there is too late. So, in the worker:
    would ever stop it, and its runs would never be reaped. The worker checks its
    parent every ``PARENT_POLL_SECONDS``; when Granian's main process is gone it
    drains through the same entry point with no grace (the runs still active are
-   recorded ``failed``/``shutdown``) and stops itself as in path 2, so it is gone
+   recorded ``failed``/``shutdown``; a drain already under way has what is left of
+   its grace cut to nothing) and stops itself as in path 2, so it is gone
    within 2 s of the death. ``PR_SET_PDEATHSIG`` was not used: it is Linux-only, it
    fires when the *thread* that forked the worker ends rather than the process, and
    a signal would arrive as an ordinary SIGTERM with the full grace. A bound that
@@ -53,7 +54,7 @@ from typing import Any, Final
 
 import structlog
 
-from service.lifecycle import Lifecycle
+from service.runs.drain import Drain
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +79,7 @@ ORPHAN_GRACE_SECONDS: Final = 0.0
 ORPHAN_FORCED_EXIT_CODE: Final = 1
 
 
-def install(lifecycle: Lifecycle) -> bool:
+def install(drain: Drain) -> bool:
     """Take over the worker's signal handlers; False when not running under Granian."""
     loop = asyncio.get_running_loop()
     # asyncio's Unix loops keep {signal: Handle}; a Granian worker's are in there,
@@ -87,10 +88,10 @@ def install(lifecycle: Lifecycle) -> bool:
     saved = {sig: table.get(sig) for sig in SIGNALS} if isinstance(table, dict) else {}
     if saved and all(_is_granians(handle) for handle in saved.values()):
         main_pid = int(os.environ.get(MAIN_PID_ENV) or os.getppid())
-        bridge = _Bridge(loop, lifecycle, saved, main_pid)
+        bridge = _Bridge(loop, drain, saved, main_pid)
         for sig in SIGNALS:
             loop.add_signal_handler(sig, bridge.on_signal, sig)
-        lifecycle.on_stopped(bridge.on_drained)
+        drain.on_stopped(bridge.on_drained)
         bridge.watch_parent()
         log.info("granian_bridge_installed", main_pid=main_pid)
         return True
@@ -117,12 +118,12 @@ class _Bridge:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        lifecycle: Lifecycle,
+        drain: Drain,
         saved: dict[signal.Signals, Any],
         main_pid: int,
     ) -> None:
         self._loop = loop
-        self._lifecycle = lifecycle
+        self._drain = drain
         self._saved = saved
         self._main_pid = main_pid
         self._signalled = False
@@ -151,24 +152,25 @@ class _Bridge:
         timer.daemon = True  # never keeps a finished process alive
         timer.start()
         self._signalled = True  # the drain's end stops the server at once (path 2)
-        if self._lifecycle.stopped.is_set():
+        if self._drain.stopped.is_set():
             self._hand_back()
             return
-        self._lifecycle.begin_drain("parent_exited", grace_seconds=ORPHAN_GRACE_SECONDS)
+        # (a drain already under way keeps going, with what is left of its grace cut)
+        self._drain.begin("parent_exited", grace_seconds=ORPHAN_GRACE_SECONDS)
 
     def on_signal(self, sig: int) -> None:
         self._signalled = True
-        if self._lifecycle.stopped.is_set():
+        if self._drain.stopped.is_set():
             self._hand_back()  # drained already (over HTTP): stop now
             return
-        self._lifecycle.begin_drain(signal.Signals(sig).name)
+        self._drain.begin(signal.Signals(sig).name)
 
     def on_drained(self) -> None:
         if self._signalled:
             self._hand_back()
             return
-        started = self._lifecycle.drain_started or self._loop.time()
-        deadline = started + self._lifecycle.grace_seconds + SELF_STOP_AFTER_GRACE_SECONDS
+        cancel_at = self._drain.cancel_at or self._loop.time()
+        deadline = cancel_at + SELF_STOP_AFTER_GRACE_SECONDS
         stop_at = max(self._loop.time() + LINGER_SECONDS, deadline)
         self._loop.call_at(stop_at, self._stop_main)
 

@@ -20,8 +20,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from service.schemas import FailureReason
+from service.schemas import FailureReason, RetryReason
 
 REJECT_REASONS: Final = ("draining", "capacity", "invalid", "unauthorized", "store_unavailable")
 CANCEL_REASONS: Final = ("user", "shutdown", "timeout")
@@ -41,6 +43,38 @@ CONTENT_TYPE: Final = "; ".join(
     for part in CONTENT_TYPE_LATEST.split(";")
     if not part.strip().startswith("charset")
 )
+
+
+class QueuedRuns(Collector):
+    """``quiesce_queued_runs``: runs in the shared pending queue, waiting for a replica.
+
+    The queue is one for the whole installation, so if every pod exported its length a
+    ``sum`` across pods would count it once per pod. Only the replica that holds the
+    store's reporter lease (``service.runs.adoption``) exports it; on every other pod
+    the series is absent. A sum over pods is then the queue's length (and a lost
+    reporter shows as a gap of at most a lease, not as a doubled value).
+    """
+
+    def __init__(self) -> None:
+        self._value: int | None = None
+
+    def report(self, value: int | None) -> None:
+        """The length to export, or None on a replica that is not the reporter."""
+        self._value = value
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        if self._value is None:
+            return []
+        family = GaugeMetricFamily(
+            "quiesce_queued_runs",
+            "Runs waiting in the shared pending queue for another attempt (exported by "
+            "one replica only, so a sum across pods is the queue's length).",
+        )
+        family.add_metric([], self._value)
+        return [family]
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
 
 
 class Metrics:
@@ -143,6 +177,22 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.runs_requeued = Counter(
+            "quiesce_runs_requeued_total",
+            "Attempts that ended with a reason their retry policy lists: the run was queued "
+            "for another attempt.",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.runs_adopted = Counter(
+            "quiesce_runs_adopted_total",
+            "Queued runs this replica adopted for another attempt.",
+            ["task"],
+            registry=r,
+        )
+        #: The pending queue's length, reported by one replica at a time (see QueuedRuns).
+        self.queued_runs = QueuedRuns()
+        r.register(self.queued_runs)
 
         self.max_active_runs.set(max_active_runs)
         # Series exist from the first scrape, so rate() and alerts see a zero, not a gap.
@@ -161,6 +211,9 @@ class Metrics:
                     self.run_failures.labels(task, failure)
             for cancel in CANCEL_REASONS:
                 self.run_cancellations.labels(task, cancel)
+            self.runs_adopted.labels(task)
+            for retry_reason in get_args(RetryReason):
+                self.runs_requeued.labels(task, retry_reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

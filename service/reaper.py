@@ -4,10 +4,12 @@ A drain finalizes every run of a stopping pod; a crash (SIGKILL, OOM kill, a los
 node) cannot. So every worker holds a lease in the store, renewed every third of
 ``QUIESCE_LEASE_TTL_SECONDS``, and every worker also reaps: twice per TTL it looks
 for workers whose lease expired and finalizes each of their unfinished runs as
-``failed`` with reason ``worker_lost``. Reapers on several replicas may race; the
-store's terminal compare-and-set lets exactly one write win, and only winners are
-counted in ``quiesce_orphans_reaped_total`` (and, like every finalized run, by
-``service.finish``: the run's metrics, its ``run_finished`` line, its callback).
+``failed`` with reason ``worker_lost`` — or, for a run whose retry policy lists
+``worker_lost`` and has attempts left, requeues it for another replica to adopt.
+Reapers on several replicas may race; the store's compare-and-set lets exactly one
+write win, and only winners are counted in ``quiesce_orphans_reaped_total`` (and,
+like every finalized run, by ``service.finish``: the run's metrics, its
+``run_finished`` line, its callback).
 
 A process also reaps its *own* worker id once at start: runs listed under it then
 were left by an earlier process with the same id (a restarted container keeps its
@@ -48,9 +50,13 @@ class Reaper:
         lease_ttl_seconds: float,
         now: Callable[[], datetime] = utcnow,
         on_finished: Callable[[RunRecord], None] | None = None,
+        finisher: Finisher | None = None,
     ) -> None:
         self._store = store
-        self._finisher = Finisher(store=store, metrics=metrics, on_finished=on_finished, now=now)
+        #: The process's one finish path (the scheduler's), when it has one.
+        self._finisher = finisher or Finisher(
+            store=store, metrics=metrics, on_finished=on_finished, now=now
+        )
         self._metrics = metrics
         self._worker_id = worker_id
         self._ttl = lease_ttl_seconds
@@ -108,6 +114,13 @@ class Reaper:
             record = await self._store.get(run_id)
             if record is None or record.is_terminal:
                 continue
+            if record.status == "queued":
+                # Its requeue was cut short between its two steps (the run is queued
+                # but may be in no queue): queue it (again; a second entry is harmless).
+                await self._store.enqueue(record)
+                continue
+            if record.worker_id != worker_id:
+                continue  # adopted by another worker since: listed here by mistake
             now = self._now()
             terminal = msgspec.structs.replace(
                 record,
@@ -116,9 +129,16 @@ class Reaper:
                 updated_at=now,
                 finished_at=now,
             )
+            # (a run with a retry policy listing worker_lost is requeued instead)
             if await self._finisher.finish(terminal):
                 won += 1
                 self._metrics.orphans_reaped.inc()
-                log.warning("run_reaped", run_id=run_id, task=record.task, lost_worker=worker_id)
+                log.warning(
+                    "run_reaped",
+                    run_id=run_id,
+                    task=record.task,
+                    lost_worker=worker_id,
+                    attempt=record.attempt,
+                )
         await self._store.forget(worker_id, run_ids)
         return won

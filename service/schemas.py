@@ -15,7 +15,9 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
+#: ``queued``: an attempt ended with a reason its retry policy lists; the run waits in
+#: the pending queue for a replica to adopt it (only runs created with ``retry``).
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
 
 #: Why a run did not succeed. ``cancelled`` goes with status ``cancelled``; the
@@ -36,6 +38,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: The reasons an attempt may end with and be retried for (never a user's cancel).
+RetryReason = Literal["shutdown", "worker_lost", "timeout", "error"]
+DEFAULT_RETRY_ON: Final[tuple[RetryReason, ...]] = ("shutdown", "worker_lost")
+MAX_ATTEMPTS: Final = 10
+
+
+class RetryPolicy(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Opt-in retries: an attempt that ends with a reason in ``on`` is run again, on
+    whichever replica adopts it, up to ``max_attempts`` attempts in all."""
+
+    max_attempts: Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS)]
+    on: Annotated[list[RetryReason], Meta(min_length=1, max_length=4)] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_RETRY_ON)
+    )
+
+    def retries(self, reason: str, attempt: int) -> bool:
+        """Whether an attempt numbered ``attempt`` that ended with ``reason`` runs again."""
+        return reason in self.on and attempt < self.max_attempts
+
+
 class CreateRunRequest(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/runs``. Only ``task`` is required."""
 
@@ -45,6 +67,8 @@ class CreateRunRequest(Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     timeout_seconds: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_SECONDS)] | None = None
     callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
     metadata: Metadata = {}
+    #: Opt-in retries (default: the task's own policy, if it declares one; else none).
+    retry: RetryPolicy | None = None
 
 
 class RunError(Struct, kw_only=True, frozen=True):
@@ -67,6 +91,10 @@ class RunRecord(Struct, kw_only=True, frozen=True):
     callback_url: str | None = None
     output: Any = None
     error: RunError | None = None
+    #: The attempt running now, or — while ``queued`` — the attempts made so far.
+    attempt: int = 1
+    max_attempts: int = 1
+    retry: RetryPolicy | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -79,6 +107,15 @@ class RunRecord(Struct, kw_only=True, frozen=True):
 
 
 class RunStartedData(Struct, kw_only=True, frozen=True):
+    worker_id: str
+    attempt: int = 1
+
+
+class RunRequeuedData(Struct, kw_only=True, frozen=True):
+    #: The attempt that ended.
+    attempt: int
+    reason: RetryReason
+    #: The worker that ran it.
     worker_id: str
 
 
@@ -108,6 +145,10 @@ class RunProgress(_Event, tag="run_progress", frozen=True):
     data: dict[str, Any]
 
 
+class RunRequeued(_Event, tag="run_requeued", frozen=True):
+    data: RunRequeuedData
+
+
 class RunSucceeded(_Event, tag="run_succeeded", frozen=True):
     data: RunSucceededData
 
@@ -120,12 +161,13 @@ class RunCancelled(_Event, tag="run_cancelled", frozen=True):
     data: RunCancelledData
 
 
-Event = RunStarted | RunProgress | RunSucceeded | RunFailed | RunCancelled
+Event = RunStarted | RunProgress | RunRequeued | RunSucceeded | RunFailed | RunCancelled
 TerminalEvent = RunSucceeded | RunFailed | RunCancelled
 TERMINAL_EVENT_TYPES: Final = (RunSucceeded, RunFailed, RunCancelled)
 #: Every event's ``type`` tag.
 EVENT_TYPES: Final = frozenset(
-    str(cls.__struct_config__.tag) for cls in (RunStarted, RunProgress, *TERMINAL_EVENT_TYPES)
+    str(cls.__struct_config__.tag)
+    for cls in (RunStarted, RunProgress, RunRequeued, *TERMINAL_EVENT_TYPES)
 )
 
 
@@ -284,8 +326,23 @@ def create_request_json_schema() -> dict[str, Any]:
     """The JSON Schema of the create body, as msgspec (which enforces it) states it:
     the constraints and ``additionalProperties: false`` come from the Struct itself."""
     schema = msgspec.json.schema(CreateRunRequest)
-    definition: dict[str, Any] = schema["$defs"]["CreateRunRequest"]
+    definitions = schema["$defs"]
+    definition: dict[str, Any] = definitions["CreateRunRequest"]
+    # Nested Structs (``retry``) are inlined: the body's schema is used on its own.
+    for name, prop in definition["properties"].items():
+        definition["properties"][name] = _inline(prop, definitions)
     return definition
+
+
+def _inline(schema: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(definitions[ref.removeprefix("#/$defs/")], definitions)
+        return {key: _inline(value, definitions) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_inline(item, definitions) for item in schema]
+    return schema
 
 
 def request_fingerprint(request: CreateRunRequest) -> str:
@@ -294,5 +351,10 @@ def request_fingerprint(request: CreateRunRequest) -> str:
     Idempotency compares bodies by meaning, so a client that re-serializes the same
     request differently still gets its original response back.
     """
-    canonical = msgspec.json.encode(request, order="sorted")
+    fields = msgspec.to_builtins(request)
+    if fields.get("retry") is None:
+        # A body without ``retry`` keeps the digest it had before retries existed, so a
+        # repeat sent across an upgrade still replays.
+        fields.pop("retry", None)
+    canonical = msgspec.json.encode(fields, order="sorted")
     return hashlib.sha256(canonical).hexdigest()

@@ -25,10 +25,23 @@ import enum
 import re
 from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Protocol
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
-from service.errors import InvalidInput, StoreUnavailable
-from service.schemas import Event, RunProgress, RunRecord, RunStarted
+from service.errors import InvalidCursor, StoreUnavailable
+from service.schemas import Event, RunProgress, RunRecord, RunRequeued, RunStarted
+
+#: Makes a queued run's next attempt: its running record and its ``run_started`` event.
+Claim = Callable[[RunRecord], "tuple[RunRecord, RunStarted]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A queued run this worker now owns: its record and the input it was created with."""
+
+    record: RunRecord
+    input: dict[str, Any]
+
 
 #: Events kept per run; older progress events are trimmed first (the terminal event
 #: is always the newest, so it is never trimmed).
@@ -45,26 +58,23 @@ MAX_CURSOR_PART: Final = 2**64 - 1
 def parse_cursor(cursor: str) -> tuple[int, int]:
     """Check a client-supplied cursor (``<ms>-<seq>``, as Redis stream ids are)."""
     if not _CURSOR_RE.match(cursor):
-        raise InvalidInput(
-            f"invalid cursor {cursor[:64]!r}: expected the id of an event",
-            field="after",
-            source="query",
-        )
+        raise InvalidCursor(f"invalid cursor {cursor[:64]!r}: expected the id of an event")
     ms, seq = (int(part) for part in cursor.split("-"))
     if ms > MAX_CURSOR_PART or seq > MAX_CURSOR_PART or ms == seq == MAX_CURSOR_PART:
         # Redis stream ids are two unsigned 64-bit numbers: it refuses a larger one, and
         # an exclusive range cannot start after the largest.
-        raise InvalidInput(
+        raise InvalidCursor(
             f"invalid cursor {cursor[:64]!r}: each part must fit in 64 bits, "
-            "and no event can follow the largest id",
-            field="after",
-            source="query",
+            "and no event can follow the largest id"
         )
     return ms, seq
 
 
 class CancelOutcome(enum.Enum):
     REQUESTED = "requested"
+    #: The run waits in the pending queue: the caller writes it cancelled itself
+    #: (:meth:`RunStore.finalize_queued`), as no worker runs it.
+    QUEUED = "queued"
     ALREADY_CANCELLED = "already_cancelled"
     FINISHED = "finished"
 
@@ -151,8 +161,13 @@ class RunStore(Protocol):
     async def release_idempotency(self, run_id: str, token: str) -> None:
         """Give up the claim ``token`` holds, so the key can be used again."""
 
-    async def create(self, record: RunRecord, started: RunStarted) -> None:
-        """Persist a new run with its ``run_started`` event (and settle its claim)."""
+    async def create(
+        self, record: RunRecord, started: RunStarted, *, input: dict[str, Any] | None = None
+    ) -> None:
+        """Persist a new run with its ``run_started`` event (and settle its claim).
+
+        ``input`` is kept with a run that may be retried, for the replica that adopts it.
+        """
 
     async def get(self, run_id: str) -> RunRecord | None:
         """The run's current record, or None if it does not exist."""
@@ -188,6 +203,42 @@ class RunStore(Protocol):
 
     async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
         """Which of these runs have a pending cancel request (for resyncs)."""
+
+    # --- retries: the pending queue (see service.runs.adoption) -----------------------
+
+    async def requeue(self, queued: RunRecord, event: RunRequeued) -> bool:
+        """Put a run whose attempt ended back in the pending queue, in two steps.
+
+        First, on the run alone: compare-and-set ``running`` (attempt ``queued.attempt``
+        on worker ``queued.worker_id``) → ``queued``, writing ``queued`` and appending
+        ``event``. Then, if that won, the run is added to the queue. True when this
+        call won (also when the same write is repeated after a lost answer).
+        """
+
+    async def adopt(self, worker_id: str, limit: int, claim: Claim) -> list[Adopted]:
+        """Take up to ``limit`` queued runs for ``worker_id``.
+
+        Each candidate from the queue is claimed with a compare-and-set ``queued`` →
+        ``running`` on the run alone, writing ``claim(record)`` (the new attempt's
+        record and its ``run_started`` event); a candidate someone else claimed (or
+        cancelled) is dropped from the queue and skipped. A run never has two owners.
+        """
+
+    async def enqueue(self, queued: RunRecord) -> None:
+        """Put a ``queued`` run (back) in the queue (the recovery of an interrupted
+        requeue; a run in the queue twice is claimed once)."""
+
+    async def finalize_queued(self, record: RunRecord) -> bool:
+        """Write a terminal record (a cancel) for a run that is ``queued``; True if won."""
+
+    async def queued_count(self) -> int:
+        """How many runs wait in the queue."""
+
+    async def wait_for_queued(self, within: float) -> None:
+        """Return when a run may have been queued (a notification), or after ``within`` seconds."""
+
+    async def hold_reporter(self, worker_id: str, ttl_seconds: float) -> bool:
+        """Take or renew the one lease that says which replica exports the queue length."""
 
     # --- worker leases (see service.reaper) ------------------------------------------
 

@@ -2,30 +2,44 @@
 
 It is the default when no Redis URL is configured, for local use and tests. It
 keeps the same rules as the Redis store (see ``base``), but nothing survives the
-process and replicas cannot share it. Every method runs without awaiting
-anything in between its reads and writes, which is what makes each one atomic
-under asyncio.
+process and replicas cannot share it. Its pending queue of retried runs is
+therefore this process's own: a run queued after a ``timeout`` or ``error`` attempt
+is adopted again here, one queued by a drain is lost with the process. Every
+method runs without awaiting anything in between its reads and writes, which is
+what makes each one atomic under asyncio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import time
 from bisect import bisect_right
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from service.errors import IdempotencyInProgress, IdempotencyMismatch, RunNotFound
-from service.schemas import Event, RunProgress, RunRecord, RunStarted, terminal_event_for
+from service.schemas import (
+    Event,
+    RunProgress,
+    RunRecord,
+    RunRequeued,
+    RunStarted,
+    terminal_event_for,
+)
 from service.store.base import (
     CLAIM_TTL_SECONDS,
     MAX_EVENTS_PER_RUN,
+    Adopted,
     CancelListener,
     CancelOutcome,
+    Claim,
     EventWatch,
     Watch,
     parse_cursor,
@@ -46,6 +60,8 @@ class _Entry:
     seq: int = 0
     seq_id: str = ""
     watches: set[Watch] = field(default_factory=set)
+    #: Kept for a run that may be retried (the input of its next attempt).
+    input: dict[str, Any] | None = None
 
 
 class MemoryRunStore:
@@ -57,6 +73,9 @@ class MemoryRunStore:
         self._runs: dict[str, _Entry] = {}
         self._expiry: list[tuple[float, str]] = []  # a heap of (expires_at, run_id)
         self._listeners: dict[str, CancelListener] = {}
+        #: The pending queue: run ids, oldest first (see service.runs.adoption).
+        self._queue: deque[str] = deque()
+        self._queued = asyncio.Event()
 
     async def start(self) -> None:
         return None
@@ -100,7 +119,9 @@ class MemoryRunStore:
         if entry is not None and entry.record is None and entry.token == token:
             del self._runs[run_id]
 
-    async def create(self, record: RunRecord, started: RunStarted) -> None:
+    async def create(
+        self, record: RunRecord, started: RunStarted, *, input: dict[str, Any] | None = None
+    ) -> None:
         self._expire()
         entry = self._runs.get(record.run_id)
         if entry is None:
@@ -108,6 +129,7 @@ class MemoryRunStore:
         # As in Redis: a running run outlives the retention by its own timeout.
         self._expire_in(record.run_id, entry, self._retention + record.timeout_seconds)
         entry.record = entry.initial = record
+        entry.input = input
         self._add_event(entry, started)
 
     # --- reads ------------------------------------------------------------------
@@ -156,6 +178,8 @@ class MemoryRunStore:
             return False
         if entry.record.is_terminal:
             return entry.record == record  # the same write again wins again, as in Redis
+        if entry.record.status != "running" or entry.record.worker_id != record.worker_id:
+            return False  # queued (only finalize_queued ends it), or another worker's attempt
         entry.record = record
         self._expire_in(record.run_id, entry, self._retention)
         self._add_event(entry, terminal_event_for(record))
@@ -170,6 +194,8 @@ class MemoryRunStore:
             return CancelOutcome.ALREADY_CANCELLED
         if record.is_terminal:
             return CancelOutcome.FINISHED
+        if record.status == "queued":
+            return CancelOutcome.QUEUED
         entry.cancel_requested = True
         listener = self._listeners.get(record.worker_id)
         if listener is not None:
@@ -183,6 +209,66 @@ class MemoryRunStore:
             for run_id in run_ids
             if (entry := self._live(run_id)) is not None and entry.cancel_requested
         }
+
+    # --- retries: one process, so the queue is a deque and its only adopter is here ---
+
+    async def requeue(self, queued: RunRecord, event: RunRequeued) -> bool:
+        entry = self._live(queued.run_id)
+        if entry is None or entry.record is None:
+            return False
+        current = entry.record
+        if current == queued:
+            return True  # the same write again
+        if (
+            current.status != "running"
+            or current.attempt != queued.attempt
+            or current.worker_id != queued.worker_id
+        ):
+            return False
+        entry.record = queued
+        entry.cancel_requested = False
+        self._add_event(entry, event)
+        await self.enqueue(queued)
+        return True
+
+    async def adopt(self, worker_id: str, limit: int, claim: Claim) -> list[Adopted]:
+        adopted: list[Adopted] = []
+        while self._queue and len(adopted) < limit:
+            run_id = self._queue.popleft()
+            entry = self._live(run_id)
+            if entry is None or entry.record is None or entry.record.status != "queued":
+                continue
+            record, started = claim(entry.record)
+            entry.record = record
+            self._expire_in(run_id, entry, self._retention + record.timeout_seconds)
+            self._add_event(entry, started)
+            adopted.append(Adopted(record=record, input=entry.input or {}))
+        return adopted
+
+    async def enqueue(self, queued: RunRecord) -> None:
+        if queued.run_id not in self._queue:
+            self._queue.append(queued.run_id)
+        self._queued.set()
+
+    async def finalize_queued(self, record: RunRecord) -> bool:
+        entry = self._live(record.run_id)
+        if entry is None or entry.record is None or entry.record.status != "queued":
+            return False
+        entry.record = record
+        self._expire_in(record.run_id, entry, self._retention)
+        self._add_event(entry, terminal_event_for(record))
+        return True
+
+    async def queued_count(self) -> int:
+        return len(self._queue)
+
+    async def wait_for_queued(self, within: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queued.wait(), within)
+        self._queued.clear()
+
+    async def hold_reporter(self, worker_id: str, ttl_seconds: float) -> bool:
+        return True  # the only replica
 
     # --- worker leases: one process, so nobody else could reap its runs ---------------
 

@@ -81,6 +81,7 @@ from service.store.base import (
 )
 from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
 from service.store.redis_listener import NotificationListener
+from service.store.redis_queue import QUEUE_SCRIPTS, RedisQueue, RedisQueueMethods
 from service.store.redis_server import ServerReport, inspect, probe_key, self_check
 
 log = structlog.get_logger(__name__)
@@ -105,7 +106,7 @@ _SCRIPTS: Final = {
         "claim", "release", "create", "append", "finalize", "cancel",
         "heartbeat", "expired", "forget", "discard", "generation",
     )
-}  # fmt: skip
+} | QUEUE_SCRIPTS  # fmt: skip
 WORKERS_KEY: Final = "quiesce:workers"
 GENERATION_KEY: Final = "quiesce:generation"
 #: The most expired workers one reaper pass looks at.
@@ -127,8 +128,9 @@ def worker_runs_key(worker_id: str) -> str:
     return f"quiesce:{{worker:{worker_id}}}:runs"
 
 
-class RedisRunStore:
-    """A RunStore on Redis (see the module docstring for the key layout)."""
+class RedisRunStore(RedisQueueMethods):
+    """A RunStore on Redis (see the module docstring for the key layout; the pending
+    queue of retried runs is ``redis_queue``)."""
 
     def __init__(
         self,
@@ -190,11 +192,24 @@ class RedisRunStore:
             cancel_prefix=CANCEL_CHANNEL_PREFIX,
             events_prefix=EVENTS_CHANNEL_PREFIX,
         )
+        self._queue = RedisQueue(
+            url,
+            call=self._call,
+            unlist=self._unlist_soon,
+            run_key=run_key,
+            events_key=events_key,
+            worker_runs_key=worker_runs_key,
+            events_channel=EVENTS_CHANNEL_PREFIX.__add__,
+            ttl=self._running_ttl,
+            retention_seconds=retention_seconds,
+            max_events=max_events,
+        )
 
     # --- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
         await self._listener.start()
+        await self._queue.start()
         # Not awaited: a Redis that is away at start must not delay it (the first
         # lease renewal reads the generation then).
         self._spawn(self._check_generation())
@@ -209,6 +224,7 @@ class RedisRunStore:
             await asyncio.wait([self._unlisting])
         await self._commands.close()
         await self._listener.close()
+        await self._queue.close()
         await self._redis.aclose()
 
     async def ping(self) -> None:
@@ -249,21 +265,30 @@ class RedisRunStore:
     async def release_idempotency(self, run_id: str, token: str) -> None:
         await self._call("release", [_script("release", [run_key(run_id)], [token])])
 
-    async def create(self, record: RunRecord, started: RunStarted) -> None:
+    async def create(
+        self, record: RunRecord, started: RunStarted, *, input: dict[str, Any] | None = None
+    ) -> None:
         # Listed under its worker first, so a running run can always be found by the
         # reaper; both in one pipeline, in this order.
+        kept: list[Command] = []
+        if input is not None:  # a run that may be retried: its input, for an adopter
+            kept.append(("HSET", run_key(record.run_id), "input", json_encoder.encode(input)))
         await self._call(
             "create",
             [
                 ("SADD", worker_runs_key(record.worker_id), record.run_id),
+                *kept,
                 self._create_command(record, started),
             ],
             undo=partial(self._undo, "create", partial(self._discard, record)),
         )
 
+    def _running_ttl(self, record: RunRecord) -> int:
+        return int(self._retention + record.timeout_seconds) + RUNNING_TTL_MARGIN_SECONDS
+
     def _create_command(self, record: RunRecord, started: RunStarted) -> Command:
         run_id = record.run_id
-        ttl = int(self._retention + record.timeout_seconds) + RUNNING_TTL_MARGIN_SECONDS
+        ttl = self._running_ttl(record)
         args = [
             json_encoder.encode(record),
             record.worker_id,
@@ -331,6 +356,7 @@ class RedisRunStore:
             self._retention,
             self._max_events,
             EVENTS_CHANNEL_PREFIX + run_id,
+            record.worker_id,  # (only that worker's attempt is ended: see finalize.lua)
         ]
         command = _script("finalize", [run_key(run_id), events_key(run_id)], args)
         (won,) = await self._call("finalize", [command])

@@ -1,5 +1,6 @@
 """Tasks: what a run executes. See ``service.tasks.base`` for how to write one."""
 
-from service.tasks.base import RunContext, Task, TaskRegistry, task
+from service.schemas import RetryPolicy
+from service.tasks.base import RunContext, RunContexts, Task, TaskRegistry, task
 
-__all__ = ["RunContext", "Task", "TaskRegistry", "task"]
+__all__ = ["RetryPolicy", "RunContext", "RunContexts", "Task", "TaskRegistry", "task"]

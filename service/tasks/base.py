@@ -30,16 +30,16 @@ import msgspec
 import structlog
 
 from service.errors import InvalidInput, UnknownTask
-from service.schemas import describe_validation_error
+from service.schemas import RetryPolicy, describe_validation_error
 
 ParamsT = TypeVar("ParamsT", bound=msgspec.Struct)
 TaskFn = Callable[["RunContext", ParamsT], Coroutine[Any, Any, Any]]
 
 
 class RunContext:
-    """What a running task may use. One is made per run by the scheduler."""
+    """What a running task may use. One is made per run (by :class:`RunContexts`)."""
 
-    __slots__ = ("_emit", "deadline", "http", "log", "run_id")
+    __slots__ = ("_emit", "attempt", "deadline", "http", "log", "run_id")
 
     def __init__(
         self,
@@ -49,13 +49,17 @@ class RunContext:
         http: httpx.AsyncClient,
         log: structlog.typing.FilteringBoundLogger,
         deadline: datetime,
+        attempt: int = 1,
     ) -> None:
         self.run_id = run_id
+        #: 1 for the first attempt; more for a run retried under its ``retry`` policy
+        #: (a task that is not idempotent as a whole can skip what an earlier attempt did).
+        self.attempt = attempt
         #: The process-wide HTTP client: reuse its connections, do not close it.
         self.http = http
         #: A logger with ``run_id`` and ``task`` bound.
         self.log = log
-        #: When the run times out (UTC); the task is cancelled at that moment.
+        #: When this attempt times out (UTC); the task is cancelled at that moment.
         self.deadline = deadline
         self._emit = emit
 
@@ -70,6 +74,32 @@ class RunContext:
         return await self._emit(data)
 
 
+class RunContexts:
+    """Makes each run's :class:`RunContext`.
+
+    It holds what every run shares — the process's HTTP client — so that the
+    scheduler, which only asks for a context, knows nothing of HTTP clients.
+    """
+
+    __slots__ = ("_http",)
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    def make(
+        self,
+        *,
+        run_id: str,
+        emit: Callable[[dict[str, Any]], Awaitable[bool]],
+        log: structlog.typing.FilteringBoundLogger,
+        deadline: datetime,
+        attempt: int = 1,
+    ) -> RunContext:
+        return RunContext(
+            run_id=run_id, emit=emit, http=self._http, log=log, deadline=deadline, attempt=attempt
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Task(Generic[ParamsT]):
     """A registered task: its name, its function and the Struct of its input."""
@@ -81,6 +111,9 @@ class Task(Generic[ParamsT]):
     #: Extra admission checks that need more than the Struct's own validation;
     #: raise InvalidInput with ``field`` set to refuse the input.
     check: Callable[[ParamsT], None] | None = field(default=None, compare=False)
+    #: The retry policy of a create that names none (None: no retries unless asked).
+    #: Declare one only for a task that is safe to run again from the start.
+    retry: RetryPolicy | None = None
 
     def parse_input(self, raw: dict[str, Any]) -> ParamsT:
         """Validate a create request's ``input`` (InvalidInput names the field path)."""
@@ -99,9 +132,17 @@ class Task(Generic[ParamsT]):
 
 
 def task(
-    name: str, *, description: str | None = None, check: Callable[[Any], None] | None = None
+    name: str,
+    *,
+    description: str | None = None,
+    check: Callable[[Any], None] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> Callable[[TaskFn[Any]], Task[Any]]:
-    """Declare a task; the input Struct is read from the annotation of ``params``."""
+    """Declare a task; the input Struct is read from the annotation of ``params``.
+
+    ``retry`` is the task's default retry policy (a create's own ``retry`` wins), e.g.
+    ``retry=RetryPolicy(max_attempts=3)`` for a task that may safely run again.
+    """
 
     def declare(fn: TaskFn[Any]) -> Task[Any]:
         if not inspect.iscoroutinefunction(fn):
@@ -113,7 +154,9 @@ def task(
         if not (isinstance(input_type, type) and issubclass(input_type, msgspec.Struct)):
             raise TypeError(f"task {name!r}: annotate {parameters[1]!r} with a msgspec.Struct")
         doc = description if description is not None else inspect.getdoc(fn) or ""
-        return Task(name=name, fn=fn, input_type=input_type, description=doc, check=check)
+        return Task(
+            name=name, fn=fn, input_type=input_type, description=doc, check=check, retry=retry
+        )
 
     return declare
 

@@ -22,10 +22,10 @@ def replica_state(services: Services) -> ReplicaState:
     lifecycle = services.lifecycle
     active = scheduler.active_runs()
     drain = None
-    progress = scheduler.drain_progress
+    progress = scheduler.drain.progress
     if progress is not None:
         drain = DrainInfo(
-            trigger=lifecycle.trigger,
+            trigger=scheduler.drain.trigger,
             started_at=progress.started_at,
             grace_seconds=progress.grace_seconds,
             cancel_at=progress.started_at + timedelta(seconds=progress.grace_seconds),
@@ -33,7 +33,7 @@ def replica_state(services: Services) -> ReplicaState:
             active_now=len(active),
             cancelled=progress.cancelled,
             finished=progress.finished,
-            left_running=len(scheduler.left_running),
+            left_running=len(scheduler.drain.left_running),
         )
     return ReplicaState(
         state=lifecycle.state,
@@ -73,10 +73,10 @@ class AdminController(Controller):
             ),
         ] = 0,
     ) -> ReplicaState:
-        services.lifecycle.begin_drain("admin")
+        services.scheduler.drain.begin("admin")
         if wait > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(services.lifecycle.stopped.wait(), wait)
+                await asyncio.wait_for(services.scheduler.drain.stopped.wait(), wait)
         return replica_state(services)
 
     @get(

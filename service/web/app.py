@@ -34,9 +34,11 @@ from service.logging import Redactor, configure_logging
 from service.metrics import Metrics
 from service.pod_deletion_cost import PodDeletionCost
 from service.reaper import Reaper
+from service.runs.drain import Drain
 from service.scheduler import Scheduler
 from service.schemas import RunRecord
 from service.store import open_store
+from service.tasks.base import RunContexts
 from service.tasks.loader import build_registry
 from service.web import openapi
 from service.web.admin import AdminController
@@ -92,13 +94,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 store=store,
                 registry=registry,
                 metrics=app_metrics,
-                http=http,
+                contexts=RunContexts(http),
                 worker_id=settings.worker_id,
                 max_active_runs=settings.max_active_runs,
                 default_timeout_seconds=settings.run_timeout_seconds,
+                grace_seconds=settings.shutdown_grace_seconds,
+                handoff_on_drain=settings.handoff_on_drain,
                 on_finished=lambda record: _finished(record, recent_runs, callbacks),
             )
-            lifecycle = Lifecycle(scheduler, grace_seconds=settings.shutdown_grace_seconds)
+            lifecycle = Lifecycle(scheduler)
             store.on_reset(
                 running=lambda: [record for record, _ in scheduler.active_runs()],
                 reset=app_metrics.store_resets.inc,
@@ -109,7 +113,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 metrics=app_metrics,
                 worker_id=settings.worker_id,
                 lease_ttl_seconds=settings.lease_ttl_seconds,
-                on_finished=callbacks.send,
+                finisher=scheduler.finisher,
             )
             await reaper.start()
             pod_cost = None
@@ -117,7 +121,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 pod_cost = PodDeletionCost(
                     settings.pod_deletion_cost,
                     active_count=lambda: len(scheduler.active_runs()),
-                    draining=lifecycle.draining.is_set,
+                    draining=scheduler.drain.draining.is_set,
                     metrics=app_metrics,
                 )
                 await pod_cost.start()
@@ -132,26 +136,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 callbacks=callbacks,
                 webhook_key=webhook_key,
             )
-            granian_bridge.install(lifecycle)
+            granian_bridge.install(scheduler.drain)
             _log_startup(settings, [t.name for t in registry])
             # Everything built so far lives as long as the process: keep it out of the
             # garbage collector's scans (a few percent of a busy worker's time).
             gc.freeze()
             lifecycle.mark_ready()
+            scheduler.adopter.start()
             try:
                 yield
             finally:
                 # The server is stopping without a drain (e.g. not under Granian):
                 # drain now, so no run is left running and every write is done.
-                if lifecycle.trigger is None:
-                    lifecycle.begin_drain("server_shutdown")
-                await lifecycle.wait_stopped()
+                # (begin is idempotent: after a drain it changes nothing)
+                scheduler.drain.begin("server_shutdown")
+                await scheduler.drain.wait()
+                await scheduler.adopter.stop()
                 if pod_cost is not None:
                     await pod_cost.stop()
-                await callbacks.close(within=_callback_budget(lifecycle))
+                await callbacks.close(within=_callback_budget(scheduler.drain))
                 # Every run finalized: give the lease up; else let it expire, and a
                 # peer reaps what this process could not write.
-                await reaper.stop(retire=not scheduler.left_running)
+                await reaper.stop(retire=not scheduler.drain.left_running)
                 await store.close()
                 log.info("stopped")
 
@@ -198,11 +204,10 @@ def _finished(record: RunRecord, recent_runs: RecentRuns, callbacks: CallbackSen
     callbacks.send(record)
 
 
-def _callback_budget(lifecycle: Lifecycle) -> float:
+def _callback_budget(drain: Drain) -> float:
     """What is left, after a drain, for pending callbacks: up to the drain's deadline."""
     loop = asyncio.get_running_loop()
-    started = lifecycle.drain_started or loop.time()
-    deadline = started + lifecycle.grace_seconds + CALLBACK_BUDGET_AFTER_GRACE_SECONDS
+    deadline = (drain.cancel_at or loop.time()) + CALLBACK_BUDGET_AFTER_GRACE_SECONDS
     return max(deadline - loop.time(), MIN_CALLBACK_BUDGET_SECONDS)
 
 

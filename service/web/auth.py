@@ -15,16 +15,15 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from service.schemas import json_encoder
+from service.web import rejections
+from service.web.rejections import COUNTS_REJECTIONS
 from service.web.state import services_of
-
-#: Handlers with this opt set count refused requests in quiesce_runs_rejected_total.
-COUNTS_REJECTIONS: Final = "counts_rejections"
 
 
 def auth_middleware(app: ASGIApp) -> ASGIApp:
@@ -46,7 +45,7 @@ def auth_middleware(app: ASGIApp) -> ASGIApp:
                 return
             detail = "no QUIESCE_API_TOKEN is set, so only loopback clients are served"
         if scope["route_handler"].opt.get(COUNTS_REJECTIONS):
-            services.metrics.runs_rejected.labels("unauthorized").inc()
+            rejections.count(services.metrics, "unauthorized")
         await _refuse(send, detail)
 
     return middleware

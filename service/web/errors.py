@@ -17,6 +17,7 @@ from service.errors import (
     Draining,
     IdempotencyInProgress,
     IdempotencyMismatch,
+    InvalidCursor,
     InvalidInput,
     QuiesceError,
     RunAlreadyFinished,
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 _STATUS: Final[dict[type[QuiesceError], int]] = {
     InvalidInput: 400,
+    InvalidCursor: 400,
     RunNotFound: 404,
     RunAlreadyFinished: 409,
     IdempotencyInProgress: 409,
@@ -76,6 +78,11 @@ def handle_quiesce_error(request: Request[Any, Any, Any], exc: QuiesceError) -> 
     status_code = status_for(exc)
     if isinstance(exc, InvalidInput):
         return invalid_request(exc.message, exc.extra.get("field"), exc.extra.get("source", "body"))
+    if isinstance(exc, InvalidCursor):
+        # The store's error names no parameter: ``after`` unless the route said otherwise.
+        return invalid_request(
+            exc.message, exc.extra.get("field", "after"), exc.extra.get("source", "query")
+        )
     headers = None
     if isinstance(exc, Unavailable):
         headers = {"Retry-After": str(exc.retry_after)}

@@ -15,15 +15,11 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from service.errors import (
-    AtCapacity,
-    Draining,
-    IdempotencyMismatch,
+    InvalidCursor,
     InvalidInput,
     QuiesceError,
     RunAlreadyFinished,
     RunNotFound,
-    StoreUnavailable,
-    UnknownTask,
 )
 from service.schemas import (
     CreateRunRequest,
@@ -37,7 +33,8 @@ from service.schemas import (
 )
 from service.store import CancelOutcome
 from service.store.base import parse_cursor
-from service.web.auth import COUNTS_REJECTIONS, auth_middleware
+from service.web import rejections
+from service.web.auth import auth_middleware
 from service.web.errors import error_response, invalid_request
 from service.web.openapi import (
     CANCEL_RUN,
@@ -48,6 +45,7 @@ from service.web.openapi import (
     STREAM_EVENTS,
     error_responses,
 )
+from service.web.rejections import COUNTS_REJECTIONS
 from service.web.sse import event_stream
 from service.web.state import Services, services_of
 from service.webhooks import InvalidSignature
@@ -61,16 +59,6 @@ _IDEMPOTENCY_KEY_RE: Final = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _CREATE_REQUEST: Final = "create_request"
 #: A signed create's ``webhook-id``: its idempotency key, in the webhook key space.
 _WEBHOOK_ID: Final = "webhook_id"
-
-#: Which rejection reason each refused create counts under.
-_REJECTION_REASONS: Final[tuple[tuple[type[QuiesceError], str], ...]] = (
-    (Draining, "draining"),
-    (AtCapacity, "capacity"),
-    (StoreUnavailable, "store_unavailable"),
-    (InvalidInput, "invalid"),
-    (UnknownTask, "invalid"),
-    (IdempotencyMismatch, "invalid"),
-)
 
 IdempotencyKey = Annotated[
     str | None,
@@ -99,19 +87,19 @@ async def _decode_create(request: Request[Any, Any, Any]) -> Response[Any] | Non
     try:
         body = await request.body()
     except HTTPException:  # 413: the body is over request_max_body_size
-        metrics.runs_rejected.labels("invalid").inc()
+        rejections.count(metrics, "invalid")
         raise
     if services.webhook_key is not None:
         try:
             message_id = services.webhook_key.verify(request.headers, body, now=time.time())
         except InvalidSignature as exc:
-            metrics.runs_rejected.labels("unauthorized").inc()
+            rejections.count(metrics, "unauthorized")
             return error_response(401, f"invalid webhook signature: {exc}")
         # A sender retries a message with the same webhook-id: make that a replay.
         request.state[_WEBHOOK_ID] = message_id
     refusal = _check_headers(request.headers) or _decode_body(request, body, services)
     if refusal is not None:
-        metrics.runs_rejected.labels("invalid").inc()
+        rejections.count(metrics, "invalid")
     return refusal
 
 
@@ -221,10 +209,7 @@ class RunsController(Controller):
                 key_namespace="webhook" if webhook_id else "client",
             )
         except QuiesceError as exc:
-            for kind, reason in _REJECTION_REASONS:
-                if isinstance(exc, kind):
-                    services.metrics.runs_rejected.labels(reason).inc()
-                    break
+            rejections.count_error(services.metrics, exc)
             raise
         headers = {"Location": f"/v1/runs/{admission.record.run_id}"}
         if admission.replayed:
@@ -294,14 +279,16 @@ class RunsController(Controller):
         if cursor is not None:
             try:
                 parse_cursor(cursor)
-            except InvalidInput as exc:
-                source = "header" if last_event_id else "query"
-                key = "Last-Event-ID" if last_event_id else "after"
-                raise InvalidInput(exc.message, field=key, source=source) from None
+            except InvalidCursor as exc:
+                if last_event_id:
+                    raise InvalidCursor(
+                        exc.message, field="Last-Event-ID", source="header"
+                    ) from None
+                raise
         await _load(services, run_id)
         return Stream(
             event_stream(
-                services.store, run_id, after=cursor, draining=services.lifecycle.draining
+                services.store, run_id, after=cursor, draining=services.scheduler.drain.draining
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

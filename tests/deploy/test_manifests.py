@@ -45,6 +45,8 @@ from tests.deploy.conftest import (
 
 START_COMMAND: Final = ["quiesce", "serve"]
 HPA_METRIC: Final = "quiesce_active_runs"
+#: Active plus queued runs (prometheus-adapter's external rule), what the HPA reads.
+DEMAND_METRIC: Final = "quiesce_runs_demand"
 #: What the drain may take after the grace: cancel the rest, finalize, exit.
 FINALIZATION_MARGIN_SECONDS: Final = 2
 EXPECTED_KINDS: Final = Counter(
@@ -339,7 +341,7 @@ def test_servicemonitor_scrapes_the_metrics_route(
     assert "GET" in app_routes["/metrics"]
 
 
-def test_hpa_scales_the_deployment_on_active_runs(
+def test_hpa_scales_the_deployment_on_active_and_queued_runs(
     base: dict[str, dict[str, Any]], settings: Settings
 ) -> None:
     spec = base["HorizontalPodAutoscaler"]["spec"]
@@ -347,11 +349,11 @@ def test_hpa_scales_the_deployment_on_active_runs(
     assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
     assert target["name"] == base["Deployment"]["metadata"]["name"]
     (metric,) = spec["metrics"]
-    assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == HPA_METRIC
-    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"] == DEMAND_METRIC
+    assert metric["external"]["target"]["type"] == "AverageValue"
     # Ask for pods before the existing ones reach their admission limit (429).
-    assert quantity(metric["pods"]["target"]["averageValue"]) < settings.max_active_runs
+    assert quantity(metric["external"]["target"]["averageValue"]) < settings.max_active_runs
     assert spec["minReplicas"] >= 2
     assert spec["maxReplicas"] >= spec["minReplicas"]
 
@@ -374,11 +376,25 @@ def test_adapter_rule_serves_the_metric_per_pod(base: dict[str, dict[str, Any]])
     assert overrides["pod"] == {"resource": "pod"}
     assert re.search(r'namespace!=""', rule["seriesQuery"])
     assert re.search(r'pod!=""', rule["seriesQuery"])
-    hpa_metric = base["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert rule["name"]["as"] == hpa_metric
+    assert rule["name"]["as"] == HPA_METRIC
     assert re.fullmatch(rule["name"]["matches"], HPA_METRIC)
     for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
         assert placeholder in rule["metricsQuery"]
+
+
+def test_adapter_serves_active_plus_queued_runs_counting_the_queue_once(
+    base: dict[str, dict[str, Any]],
+) -> None:
+    (rule,) = load_one(ADAPTER_RULES)["rules"]["external"]
+    hpa_metric = base["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["external"]["metric"]
+    assert rule["name"]["as"] == hpa_metric["name"] == DEMAND_METRIC
+    assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+    query = rule["metricsQuery"]
+    assert "<<.LabelMatchers>>" in query
+    assert HPA_METRIC in query
+    # One pod exports the queue's length: a sum over pods would multiply it.
+    assert re.search(r"max\(quiesce_queued_runs\{", query)
+    assert "sum(quiesce_queued_runs" not in query
 
 
 def test_keda_example_is_an_alternative_on_the_same_metric(
@@ -396,6 +412,7 @@ def test_keda_example_is_an_alternative_on_the_same_metric(
     assert trigger.get("metricType", "AverageValue") == "AverageValue"
     metadata = trigger["metadata"]
     assert HPA_METRIC in metadata["query"]
+    assert re.search(r"max\(quiesce_queued_runs\{", metadata["query"])
     assert f'job="{base["Service"]["metadata"]["name"]}"' in metadata["query"]
     assert quantity(metadata["threshold"]) < settings.max_active_runs
     assert metadata["serverAddress"].startswith(("http://", "https://"))

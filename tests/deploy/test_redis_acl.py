@@ -123,6 +123,13 @@ async def test_the_service_runs_under_the_readme_rule(
         assert (await client.post(f"/v1/runs/{long_run}/cancel")).status_code == 202
         assert (await wait_for_run(client, long_run))["status"] == "cancelled"
 
+        # A retried run: requeue (run slot, then LPUSH and PUBLISH), adoption (LRANGE,
+        # HMGET, SADD, the claim, LREM), then its last attempt's terminal write.
+        retried = sleep_body(5, timeout_seconds=0.2, retry={"max_attempts": 2, "on": ["timeout"]})
+        retried_id = (await client.post("/v1/runs", json=retried)).json()["run_id"]
+        record = await wait_for_run(client, retried_id, within=10)
+        assert (record["status"], record["attempt"]) == ("failed", 2)
+
     assert acl_log(redis_server) == []
 
 

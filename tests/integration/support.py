@@ -19,6 +19,8 @@ from litestar.testing import AsyncTestClient
 from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.runs.drain import DrainProgress
+from service.scheduler import Scheduler
 from service.web.state import Services, services_of
 
 Client = AsyncTestClient[Any]
@@ -60,7 +62,8 @@ async def wait_for_run(
         response = await client.get(f"/v1/runs/{run_id}")
         assert response.status_code == 200, response.text
         record = response.json()
-        if (status is None and record["status"] != "running") or record["status"] == status:
+        ended = record["status"] not in ("running", "queued")
+        if (status is None and ended) or record["status"] == status:
             return record
         await asyncio.sleep(0.02)
     raise AssertionError(f"run {run_id} is {record.get('status')!r} after {within}s")
@@ -188,3 +191,11 @@ async def _raw_get(
     for task in pending:
         task.cancel()
     return response
+
+
+async def drained(scheduler: Scheduler, grace: float, trigger: str = "test") -> DrainProgress:
+    """Trigger the scheduler's drain with ``grace`` (or shorten it to that) and wait for it."""
+    scheduler.drain.begin(trigger, grace_seconds=grace)
+    progress = await scheduler.drain.wait()
+    assert progress is not None
+    return progress

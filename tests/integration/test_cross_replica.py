@@ -70,7 +70,7 @@ async def test_a_stream_on_b_follows_a_run_on_a_live(replicas: tuple[Client, Cli
     assert [m["event"] for m in messages] == [
         "run_started", "run_progress", "run_progress", "run_progress", "run_succeeded",
     ]  # fmt: skip
-    assert messages[0]["data"]["data"] == {"worker_id": "worker-a"}
+    assert messages[0]["data"]["data"] == {"worker_id": "worker-a", "attempt": 1}
     # Live, through B's notifications: progress arrived as A produced it.
     times = [at for at, chunk in stream.chunks if b"event: run_progress" in chunk]
     assert times[-1] - times[0] >= 0.3

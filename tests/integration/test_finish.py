@@ -23,10 +23,10 @@ from service.scheduler import Scheduler
 from service.schemas import RunRecord, utcnow
 from service.store import RunStore
 from service.store.redis import RedisRunStore
-from service.tasks import TaskRegistry
+from service.tasks import RunContexts, TaskRegistry
 from service.tasks.sleep import sleep as sleep_task
 from tests.conftest import build_store
-from tests.integration.support import metric
+from tests.integration.support import drained, metric
 from tests.integration.test_scheduler import settled, sleep_request, wait_terminal
 from tests.integration.test_store_contract import running_record, started
 
@@ -67,7 +67,7 @@ async def setup(store: RunStore) -> AsyncIterator[tuple[Scheduler, Metrics, Fini
             store=store,
             registry=registry,
             metrics=metrics,
-            http=http,
+            contexts=RunContexts(http),
             worker_id="worker-a",
             max_active_runs=5,
             default_timeout_seconds=30,
@@ -75,7 +75,7 @@ async def setup(store: RunStore) -> AsyncIterator[tuple[Scheduler, Metrics, Fini
         )
         await store.start()
         yield scheduler, metrics, callbacks
-        await scheduler.drain(0)
+        await drained(scheduler, 0)
 
 
 def check_finished(
@@ -144,9 +144,9 @@ async def test_a_drain_finishes_each_run_once_with_its_run_id(
     scheduler, metrics, callbacks = setup
     run_id = (await scheduler.create(sleep_request(30, steps=30))).record.run_id
     await asyncio.sleep(1.1)  # a progress event is written before the drain
-    progress = await scheduler.drain(0)
+    progress = await drained(scheduler, 0)
     assert progress.cancelled == 1
-    assert scheduler.left_running == []
+    assert scheduler.drain.left_running == []
     check_finished(logs, metrics, callbacks, run_id, "failed", "shutdown")
     events = await store.events(run_id, after=None, limit=100)
     assert events is not None

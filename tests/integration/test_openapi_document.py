@@ -119,7 +119,8 @@ def test_the_stream_is_documented_as_server_sent_events(document: dict[str, Any]
     frame = content["text/event-stream"]["schema"]
     assert frame["properties"]["data"]["contentMediaType"] == "application/json"
     assert set(frame["properties"]["event"]["enum"]) == {
-        "run_started", "run_progress", "run_succeeded", "run_failed", "run_cancelled"
+        "run_started", "run_progress", "run_requeued", "run_succeeded", "run_failed",
+        "run_cancelled",
     }  # fmt: skip
     assert "retry" in frame["properties"]
 

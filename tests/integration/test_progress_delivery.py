@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -44,6 +44,14 @@ def frozen_redis(redis_server: RedisServer) -> Iterator[RedisServer]:
     freeze(redis_server, frozen=False)
 
 
+async def until(condition: Callable[[], bool], *, within: float) -> None:
+    """Wait for ``condition`` (bounded only so that a broken outbox fails the test)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
+
+
 async def steps_of(store: RunStore, run_id: str) -> list[Any]:
     events = await store.events(run_id, after=None, limit=1000)
     assert events is not None
@@ -73,10 +81,12 @@ async def test_emit_returns_during_a_stall_and_waits_only_when_the_outbox_is_ful
         redis_store, record.run_id, deadline=loop.time() + 60, now=utcnow, capacity=3
     )
     freeze(frozen_redis, frozen=True)
-    for step in (1, 2, 3):
-        assert await outbox.emit({"step": step}) is True  # queued, not waiting for Redis
-    fourth = asyncio.create_task(outbox.emit({"step": 4}))
-    await asyncio.sleep(3.0)  # the first append has given up on the client meanwhile
+    with structlog.testing.capture_logs() as logs:
+        for step in (1, 2, 3):
+            assert await outbox.emit({"step": step}) is True  # queued, not waiting for Redis
+        fourth = asyncio.create_task(outbox.emit({"step": 4}))
+        # Until the first append has given up on the client and is being retried.
+        await until(lambda: any(e["event"] == "progress_delayed" for e in logs), within=10)
     assert not fourth.done(), "a full outbox must make emit wait (backpressure)"
     freeze(frozen_redis, frozen=False)
     assert await fourth is True

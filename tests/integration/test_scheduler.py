@@ -23,9 +23,10 @@ from service.metrics import Metrics
 from service.scheduler import DRAIN_FINALIZE_BUDGET_SECONDS, Scheduler
 from service.schemas import CreateRunRequest, RunRecord, event_type
 from service.store import CancelOutcome, RunStore
-from service.tasks import RunContext, TaskRegistry, task
+from service.tasks import RunContext, RunContexts, TaskRegistry, task
 from service.tasks.sleep import sleep as sleep_task
 from tests.conftest import build_store
+from tests.integration.support import drained
 
 
 class Nothing(msgspec.Struct, forbid_unknown_fields=True):
@@ -76,14 +77,14 @@ async def scheduler(store: RunStore) -> AsyncIterator[Scheduler]:
             store=store,
             registry=make_registry(),
             metrics=Metrics(max_active_runs=3, task_names=["sleep", "boom", "stubborn", "opaque"]),
-            http=http,
+            contexts=RunContexts(http),
             worker_id="worker-a",
             max_active_runs=3,
             default_timeout_seconds=30,
         )
         await store.start()
         yield instance
-        await instance.drain(0)  # as the app does: nothing may outlive the store
+        await drained(instance, 0)  # as the app does: nothing may outlive the store
 
 
 def sleep_request(seconds: float, steps: int = 1, **kwargs: Any) -> CreateRunRequest:
@@ -253,7 +254,7 @@ async def test_concurrent_creates_with_one_key_hold_one_run(
 
 
 async def test_draining_refuses_new_runs_at_once(scheduler: Scheduler) -> None:
-    scheduler.begin_drain()
+    scheduler.drain.begin("test")
     with pytest.raises(Draining):
         await scheduler.create(sleep_request(0))
     assert scheduler.active_runs() == []
@@ -266,7 +267,7 @@ async def test_drain_lets_short_runs_finish_and_fails_the_rest_as_shutdown(
     long = await scheduler.create(sleep_request(30))
     grace = 0.4
     started = time.monotonic()
-    progress = await scheduler.drain(grace)
+    progress = await drained(scheduler, grace)
     took = time.monotonic() - started
     assert grace <= took < grace + DRAIN_FINALIZE_BUDGET_SECONDS
     assert progress.finished is True
@@ -293,7 +294,7 @@ async def test_a_drain_stops_hundreds_of_runs_within_its_budget(store: RunStore)
             store=store,
             registry=make_registry(),
             metrics=Metrics(max_active_runs=many, task_names=["sleep"]),
-            http=http,
+            contexts=RunContexts(http),
             worker_id="worker-a",
             max_active_runs=many,
             default_timeout_seconds=60,
@@ -301,10 +302,10 @@ async def test_a_drain_stops_hundreds_of_runs_within_its_budget(store: RunStore)
         await store.start()
         runs = [(await scheduler.create(sleep_request(60))).record.run_id for _ in range(many)]
         started = time.monotonic()
-        progress = await scheduler.drain(0.1)
+        progress = await drained(scheduler, 0.1)
         assert time.monotonic() - started < 0.1 + DRAIN_FINALIZE_BUDGET_SECONDS
     assert progress.cancelled == many
-    assert scheduler.left_running == []
+    assert scheduler.drain.left_running == []
     assert scheduler.active_runs() == []
     for run_id in runs[:: many // 10]:
         record = await store.get(run_id)
@@ -319,9 +320,9 @@ async def test_a_drain_stops_hundreds_of_runs_within_its_budget(store: RunStore)
 async def test_drain_is_idempotent_and_never_extended(scheduler: Scheduler) -> None:
     await scheduler.create(sleep_request(30))
     started = time.monotonic()
-    first = asyncio.create_task(scheduler.drain(0.3))
+    first = asyncio.create_task(drained(scheduler, 0.3))
     await asyncio.sleep(0.2)
-    second = await scheduler.drain(5.0)  # a later trigger waits for the same drain
+    second = await drained(scheduler, 5.0)  # a later trigger waits for the same drain
     assert second is await first
     assert second.grace_seconds == 0.3
     assert time.monotonic() - started < 0.3 + DRAIN_FINALIZE_BUDGET_SECONDS
@@ -329,7 +330,7 @@ async def test_drain_is_idempotent_and_never_extended(scheduler: Scheduler) -> N
 
 async def test_drain_with_nothing_running_returns_at_once(scheduler: Scheduler) -> None:
     started = time.monotonic()
-    progress = await scheduler.drain(10)
+    progress = await drained(scheduler, 10)
     assert time.monotonic() - started < 0.5
     assert progress.active_at_start == 0
 
@@ -340,7 +341,7 @@ async def test_a_task_ignoring_cancellation_is_still_finalized_and_cannot_emit_a
     admission = await scheduler.create(CreateRunRequest(task="stubborn", input={"seconds": 30}))
     await asyncio.sleep(0.05)
     started = time.monotonic()
-    await scheduler.drain(0.1)
+    await drained(scheduler, 0.1)
     assert time.monotonic() - started < 0.1 + DRAIN_FINALIZE_BUDGET_SECONDS
     record = await store.get(admission.record.run_id)
     assert record is not None
@@ -367,7 +368,7 @@ async def test_exactly_one_terminal_event_when_success_races_a_rival(
             *(scheduler.cancel(run_id) for run_id in run_ids), return_exceptions=True
         )
     elif rival == "drain":
-        await scheduler.drain(0.0)
+        await drained(scheduler, 0.0)
     for run_id in run_ids:
         record = await wait_terminal(store, run_id)
         types = await event_types(store, run_id)

@@ -7,7 +7,13 @@ import asyncio
 import msgspec
 import pytest
 
-from service.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidInput, RunNotFound
+from service.errors import (
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    InvalidCursor,
+    InvalidInput,
+    RunNotFound,
+)
 from service.scheduler import new_run_id
 from service.schemas import (
     RunError,
@@ -115,11 +121,14 @@ async def test_cursors_increase_and_after_is_exclusive(store: RunStore) -> None:
     assert [e.data for e in page] == [{"step": 2}, {"step": 3}]
 
 
-async def test_a_malformed_cursor_is_invalid_input(store: RunStore) -> None:
+async def test_a_malformed_cursor_is_a_store_error_naming_no_http_parameter(
+    store: RunStore,
+) -> None:
     record = await created(store)
-    with pytest.raises(InvalidInput) as caught:
+    with pytest.raises(InvalidCursor) as caught:
         await store.events(record.run_id, after="not-a-cursor", limit=10)
-    assert caught.value.extra["field"] == "after"
+    assert not isinstance(caught.value, InvalidInput)
+    assert caught.value.extra == {}  # which parameter carried it is the web layer's business
 
 
 async def test_first_terminal_write_wins_and_later_ones_change_nothing(store: RunStore) -> None:

@@ -1,7 +1,10 @@
 -- The terminal compare-and-set: the first terminal write wins.
 -- KEYS[1] run hash, KEYS[2] event stream
 -- ARGV[1] terminal record json, ARGV[2] terminal status, ARGV[3] terminal event json,
--- ARGV[4] retention ttl (s), ARGV[5] max events, ARGV[6] events channel
+-- ARGV[4] retention ttl (s), ARGV[5] max events, ARGV[6] events channel,
+-- ARGV[7] the worker whose attempt this ends (optional): a worker whose run was
+-- requeued and adopted elsewhere meanwhile (it was cut off past its lease) must not
+-- end the attempt that now runs on another worker
 -- Returns 1 when this finalization won (also when the same write is repeated after a
 -- lost reply), 0 when another terminal state was already there, -1 when the run is
 -- gone (the store may have been reset: the caller restores its runs and tries again).
@@ -13,6 +16,9 @@ if status ~= 'running' then
   if redis.call('HGET', KEYS[1], 'record') == ARGV[1] then
     return 1
   end
+  return 0
+end
+if ARGV[7] and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[7] then
   return 0
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[3])
