@@ -48,7 +48,6 @@ from typing import Any, Final
 
 import msgspec
 import structlog
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -80,6 +79,7 @@ from service.store.base import (
     parse_cursor,
 )
 from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
+from service.store.redis_connect import RedisConnector
 from service.store.redis_listener import NotificationListener
 from service.store.redis_server import ServerReport, inspect, probe_key, self_check
 
@@ -137,6 +137,9 @@ class RedisRunStore:
         retention_seconds: int,
         max_events: int = MAX_EVENTS_PER_RUN,
         on_error: Callable[[str], None] | None = None,
+        connector: RedisConnector | None = None,
+        min_replicas: int = 0,
+        wait_timeout_seconds: float = 0.5,
     ) -> None:
         self._retention = retention_seconds
         self._max_events = max_events
@@ -151,41 +154,42 @@ class RedisRunStore:
         self._running: Callable[[], Collection[RunRecord]] = tuple
         self._on_reset: Callable[[], None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Standalone or Sentinel-managed, TLS or not (redis_connect).
+        self._connector = connector or RedisConnector.from_url(url)
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
-        self._redis = Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                url,
-                max_connections=MAX_IN_FLIGHT,
-                timeout=SOCKET_TIMEOUT_SECONDS,
-                socket_timeout=SOCKET_TIMEOUT_SECONDS,
-                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                # Retry a dropped connection once; a timeout is already an outage.
-                retry=Retry(
-                    ExponentialWithJitterBackoff(base=0.05, cap=0.25),
-                    retries=1,
-                    supported_errors=(RedisConnectionError,),
-                ),
-                health_check_interval=30,
-            )
+        self._redis = self._connector.client(
+            blocking=True,
+            max_connections=MAX_IN_FLIGHT,
+            timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            # Retry a dropped connection once; a timeout is already an outage.
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=0.25),
+                retries=1,
+                supported_errors=(RedisConnectionError,),
+            ),
+            health_check_interval=30,
         )
         self._commands = CommandPipeline(
             self._redis,
             scripts=_SCRIPTS.values(),
             timeout=CALL_TIMEOUT_SECONDS,
             max_in_flight=MAX_IN_FLIGHT,
+            min_replicas=min_replicas,
+            wait_timeout=wait_timeout_seconds,
         )
         # Pub/Sub: its own connection, no hidden retries, so the listener sees every
-        # disconnect and can resync after it.
+        # disconnect and can resync after it (and, under Sentinel, reconnects to
+        # whichever server is the master then).
         self._listener = NotificationListener(
-            Redis.from_pool(
-                ConnectionPool.from_url(
-                    url,
-                    max_connections=2,
-                    socket_timeout=SOCKET_TIMEOUT_SECONDS,
-                    socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    retry=Retry(NoBackoff(), retries=0),
-                )
+            self._connector.client(
+                blocking=False,
+                max_connections=2,
+                socket_timeout=SOCKET_TIMEOUT_SECONDS,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                retry=Retry(NoBackoff(), retries=0),
             ),
             cancel_prefix=CANCEL_CHANNEL_PREFIX,
             events_prefix=EVENTS_CHANNEL_PREFIX,
@@ -210,6 +214,7 @@ class RedisRunStore:
         await self._commands.close()
         await self._listener.close()
         await self._redis.aclose()
+        await self._connector.aclose()
 
     async def ping(self) -> None:
         await self._call("ping", [("PING",)])
@@ -259,6 +264,7 @@ class RedisRunStore:
                 self._create_command(record, started),
             ],
             undo=partial(self._undo, "create", partial(self._discard, record)),
+            confirm=True,
         )
 
     def _create_command(self, record: RunRecord, started: RunStarted) -> Command:
@@ -333,11 +339,11 @@ class RedisRunStore:
             EVENTS_CHANNEL_PREFIX + run_id,
         ]
         command = _script("finalize", [run_key(run_id), events_key(run_id)], args)
-        (won,) = await self._call("finalize", [command])
+        (won,) = await self._call("finalize", [command], confirm=True)
         if won == -1:
             # The run is gone: if the store was reset, it is written back; then again.
             await self._check_generation()
-            (won,) = await self._call("finalize", [command])
+            (won,) = await self._call("finalize", [command], confirm=True)
         # Unlisted only once terminal (a crash in between leaves the reaper a no-op).
         self._unlist_soon(record.worker_id, run_id)
         return bool(won == 1)
@@ -478,10 +484,15 @@ class RedisRunStore:
             log.error("store_background_failed", exc_info=exc)
 
     async def _call(
-        self, operation: str, commands: list[Command], *, undo: Undo | None = None
+        self,
+        operation: str,
+        commands: list[Command],
+        *,
+        undo: Undo | None = None,
+        confirm: bool = False,
     ) -> list[Any]:
         try:
-            return await self._commands.run(commands, undo=undo)
+            return await self._commands.run(commands, undo=undo, confirm=confirm)
         except StoreUnavailable:
             if self._on_error is not None:
                 self._on_error(operation)
