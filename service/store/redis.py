@@ -397,7 +397,14 @@ class RedisRunStore:
 
     async def self_check(self) -> ServerReport:
         """The deep check behind ``quiesce check`` (see redis_server); raises CheckFailed."""
-        return await self_check(self._redis, _SCRIPTS.values(), probe_key())
+        return await self_check(
+            self._redis,
+            _SCRIPTS.values(),
+            probe_key(),
+            describe=self._connector.describe,
+            min_replicas=self._commands.min_replicas,
+            wait_timeout_ms=self._commands.wait_timeout_ms,
+        )
 
     def _generation_command(self) -> Command:
         return _script("generation", [GENERATION_KEY], [secrets.token_hex(8)])

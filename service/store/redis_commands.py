@@ -121,8 +121,8 @@ class CommandPipeline:
         wait_timeout: float = 0.5,
     ) -> None:
         self._redis = redis
-        self._min_replicas = min_replicas
-        self._wait_ms = max(round(wait_timeout * 1000), 1)
+        self.min_replicas = min_replicas
+        self.wait_timeout_ms = max(round(wait_timeout * 1000), 1)
         self._scripts = {script.sha: script for script in scripts}
         self._timeout = timeout
         self._max_in_flight = max_in_flight
@@ -156,7 +156,7 @@ class CommandPipeline:
             pending=len(commands),
             undo=undo,
             deadline=loop.time() + self._timeout,
-            confirm=confirm and self._min_replicas > 0,
+            confirm=confirm and self.min_replicas > 0,
         )
         self._waiting.append(job)
         if self._sweeper is None:
@@ -214,10 +214,10 @@ class CommandPipeline:
                 acked = min(acked, acked_retry)
                 for i, result in zip(missing, retried, strict=True):
                     results[i] = result
-            if wait and acked < self._min_replicas:
+            if wait and acked < self.min_replicas:
                 unconfirmed = StoreUnavailable(
-                    f"only {acked} of {self._min_replicas} replicas confirmed the write "
-                    f"within {self._wait_ms} ms (WAIT)"
+                    f"only {acked} of {self.min_replicas} replicas confirmed the write "
+                    f"within {self.wait_timeout_ms} ms (WAIT)"
                 )
         except UNAVAILABLE_ERRORS as exc:
             results = [StoreUnavailable(f"store unavailable: {exc}")] * len(batch)
@@ -258,7 +258,7 @@ class CommandPipeline:
             for args in commands:
                 pipe.execute_command(*args)
             if wait:
-                pipe.execute_command("WAIT", self._min_replicas, self._wait_ms)
+                pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
             replies = list(await pipe.execute(raise_on_error=False))
         if not wait:
             return replies, 0

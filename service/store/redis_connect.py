@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 
 from service.config import Settings, parse_sentinel_url
+from service.store.redis_server import Topology, replication_nodes
 
-Topology = Literal["standalone", "sentinel"]
+Kind = Literal["standalone", "sentinel"]
 
 
 def ssl_kwargs(settings: Settings) -> dict[str, Any]:
@@ -59,7 +62,7 @@ class RedisConnector:
     """Builds the store's clients for one URL; owns the sentinel clients, if any."""
 
     url: str
-    topology: Topology
+    topology: Kind
     tls: bool
     ssl: dict[str, Any]
     sentinel: Sentinel | None = None
@@ -87,6 +90,9 @@ class RedisConnector:
                 "password": settings.redis_sentinel_password,
                 "socket_timeout": 1.0,
                 "socket_connect_timeout": 1.0,
+                # No retry of one sentinel: the next one is asked instead (redis-py's
+                # default retry would back off for seconds, e.g. on a refused password).
+                "retry": Retry(NoBackoff(), retries=0),
                 **tls_kwargs,
             },
             username=parsed.username,
@@ -137,6 +143,24 @@ class RedisConnector:
             "replicas": [f"{_text(h)}:{_text(p)}" for h, p in replicas],
             "sentinels": len(self.sentinel.sentinels),
         }
+
+    async def describe(self, redis: Redis) -> Topology:
+        """The topology behind ``redis`` (a client from :meth:`client`), for ``quiesce check``."""
+        view = await self.sentinel_view()
+        if view is None:
+            kwargs = redis.connection_pool.connection_kwargs
+            address = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+            if "path" in kwargs:
+                address = str(kwargs["path"])
+            mode, found, connected = await replication_nodes(redis, address)
+            return Topology(mode=mode, tls=self.tls, nodes=found, connected_replicas=connected)
+        _, _, connected = await replication_nodes(redis, view["master"])
+        nodes: list[tuple[str, str]] = [(view["master"], "master")]
+        nodes += [(replica, "replica") for replica in view["replicas"]]
+        nodes.append((f"{view['sentinels']} sentinels", "sentinel"))
+        return Topology(
+            mode="sentinel", tls=self.tls, nodes=tuple(nodes), connected_replicas=connected
+        )
 
     async def aclose(self) -> None:
         if self.sentinel is not None:

@@ -302,7 +302,9 @@ def store_kind(request: pytest.FixtureRequest) -> str:
     return kind
 
 
-def topology_settings(store_kind: str, request: pytest.FixtureRequest, **overrides: Any) -> Settings:
+def topology_settings(
+    store_kind: str, request: pytest.FixtureRequest, **overrides: Any
+) -> Settings:
     if store_kind == "sentinel":
         topology: SentinelTopology = request.getfixturevalue("sentinel_topology")
         with topology.node(topology.master_port_now()) as client:

@@ -22,7 +22,8 @@ globals().update(
     {
         name: value
         for name, value in vars(contract).items()
-        if name.startswith("test_") and name != "test_cancel_request_reaches_the_owners_listener_only"
+        if name.startswith("test_")
+        and name != "test_cancel_request_reaches_the_owners_listener_only"
     }
 )
 
