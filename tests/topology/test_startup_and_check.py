@@ -112,3 +112,24 @@ def test_check_without_the_client_certificate_names_the_tls_handshake(
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_sentinel_and_master_passwords_are_redacted_from_logs() -> None:
+    from service.config import Settings
+    from service.logging import REDACTED, Redactor
+
+    settings = Settings(
+        redis_url="redis+sentinel://:master-secret-123456@s1,s2/mymaster",
+        redis_sentinel_password="sentinel-secret-123456",
+    )
+    redactor = Redactor.for_settings(settings)
+    assert redactor is not None
+    line = redactor(None, "", "auth master-secret-123456 then sentinel-secret-123456")
+    assert line == f"auth {REDACTED} then {REDACTED}"
+    env = {
+        "QUIESCE_REDIS_URL": settings.redis_url or "",
+        "QUIESCE_REDIS_SENTINEL_PASSWORD": "sentinel-secret-123456",
+    }
+    from_env = Redactor.from_env(env)
+    assert from_env is not None
+    assert "secret" not in from_env(None, "", "master-secret-123456 sentinel-secret-123456")
