@@ -187,6 +187,7 @@ class SentinelTopology:
     replica_port: int
     sentinel_ports: list[int]
     nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    node_args: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -231,8 +232,14 @@ class SentinelTopology:
         process.wait()
         return port
 
+    def restart(self, port: int) -> None:
+        """Start a killed node again, as its pod would be (empty: no persistence); the
+        sentinels then make it a replica of the current master."""
+        self.nodes[port] = self.processes.spawn(f"node-{port}-again", self.node_args[port])
+
     @classmethod
     def start(cls, directory: Path) -> SentinelTopology:
+        directory.mkdir(parents=True, exist_ok=True)
         processes = Processes(directory)
         master, replica = free_port(), free_port()
         topology = cls(processes, master, replica, [free_port() for _ in range(3)])
@@ -241,14 +248,13 @@ class SentinelTopology:
                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--requirepass", DATA_PASSWORD, "--masterauth", DATA_PASSWORD,
             ]  # fmt: skip
-            topology.nodes[master] = processes.spawn(
-                "master", ["--port", str(master), "--dir", str(directory), *common]
-            )
-            topology.nodes[replica] = processes.spawn(
-                "replica",
-                ["--port", str(replica), "--dir", str(directory), *common,
-                 "--replicaof", "127.0.0.1", str(master)],
-            )  # fmt: skip
+            topology.node_args[master] = ["--port", str(master), "--dir", str(directory), *common]
+            topology.node_args[replica] = [
+                "--port", str(replica), "--dir", str(directory), *common,
+                "--replicaof", "127.0.0.1", str(master),
+            ]  # fmt: skip
+            for port, name in ((master, "master"), (replica, "replica")):
+                topology.nodes[port] = processes.spawn(name, topology.node_args[port])
 
             def replica_in_sync() -> bool:
                 with topology.node(replica) as client:
