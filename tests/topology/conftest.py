@@ -13,7 +13,7 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,12 +302,6 @@ def sentinel_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent
 # --- the store over each topology -----------------------------------------------------
 
 
-@pytest.fixture(params=["sentinel", "tls"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
-
-
 def topology_settings(
     store_kind: str, request: pytest.FixtureRequest, **overrides: Any
 ) -> Settings:
@@ -325,11 +319,3 @@ def topology_settings(
 def build_store(store_kind: str, request: pytest.FixtureRequest, **overrides: Any) -> RunStore:
     """A new, unstarted store over the topology (opened as the service opens it)."""
     return open_store(topology_settings(store_kind, request, **overrides))
-
-
-@pytest.fixture
-async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[RunStore]:
-    instance = build_store(store_kind, request)
-    await instance.start()
-    yield instance
-    await instance.close()

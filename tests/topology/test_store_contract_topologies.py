@@ -1,21 +1,38 @@
 """The store contract suite, again, over Sentinel and over standalone-with-mutual-TLS.
 
-The tests are those of tests/integration/test_store_contract.py; this directory's
-conftest gives them a ``store`` opened from settings exactly as the service opens it.
+The tests are those of tests/integration/test_store_contract.py; the fixtures below
+(which override tests/conftest.py's for this module only) give them a ``store`` opened
+from settings exactly as the service opens it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
-from service.store import CancelOutcome
+from service.store import CancelOutcome, RunStore
 from tests.integration import test_store_contract as contract
 from tests.integration.test_store_contract import Listener, created
 from tests.topology.conftest import build_store
 
 pytestmark = pytest.mark.topology
+
+
+@pytest.fixture(params=["sentinel", "tls"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[RunStore]:
+    instance = build_store(store_kind, request)
+    await instance.start()
+    yield instance
+    await instance.close()
+
 
 # Every contract test but the two-replica one, which needs two stores of a topology.
 globals().update(
