@@ -113,6 +113,8 @@ EXPIRED_BATCH: Final = 100
 #: After a refused write: how often its undo is tried.
 UNDO_ATTEMPTS: Final = 5
 UNDO_FIRST_RETRY_SECONDS: Final = 0.5
+#: How often an idempotency claim's release is repeated while the store is away.
+RELEASE_RETRY_SECONDS: Final = 0.2
 
 
 def run_key(run_id: str) -> str:
@@ -154,6 +156,10 @@ class RedisRunStore:
         self._running: Callable[[], Collection[RunRecord]] = tuple
         self._on_reset: Callable[[], None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+        #: Per run id: writes being taken back (a refused create, a claim to release),
+        #: sent ahead of a new claim of that id (see claim_idempotency).
+        self._to_take_back: dict[str, dict[str, list[Command]]] = {}
         # Standalone or Sentinel-managed, TLS or not (redis_connect).
         self._connector = connector or RedisConnector.from_url(url)
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
@@ -205,6 +211,7 @@ class RedisRunStore:
         self._spawn(self._warn_about_server())
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -237,11 +244,22 @@ class RedisRunStore:
     async def claim_idempotency(
         self, run_id: str, fingerprint: str, token: str
     ) -> RunRecord | None:
-        (reply,) = await self._call(
+        # Writes still to be taken back for this run id (a create refused, its claim
+        # not yet released — typically because the store was away) go first, in the
+        # same pipeline: the key's retry must find the key free, not "pending" (409)
+        # or the refused create (a replay of a run that was never started).
+        taken_back = self._to_take_back.get(run_id, {})
+        prefix = [command for commands in taken_back.values() for command in commands]
+        *_, reply = await self._call(
             "claim",
-            [_script("claim", [run_key(run_id)], [fingerprint, CLAIM_TTL_SECONDS, token])],
-            undo=partial(self._undo, "claim", partial(self.release_idempotency, run_id, token)),
+            [
+                *prefix,
+                _script("claim", [run_key(run_id)], [fingerprint, CLAIM_TTL_SECONDS, token]),
+            ],
+            undo=partial(self._undo, "claim", partial(self._release_once, run_id, token)),
         )
+        for name in list(taken_back):
+            self._taken_back(run_id, name)
         outcome = reply[0].decode()
         if outcome == "claimed":
             return None
@@ -252,7 +270,38 @@ class RedisRunStore:
         return record_decoder.decode(reply[1])
 
     async def release_idempotency(self, run_id: str, token: str) -> None:
+        """Release a claim whose create failed; repeated while the store is away.
+
+        A claim left behind answers the key's retries with 409 until it expires
+        (CLAIM_TTL_SECONDS). A failover is exactly when the first release fails; until
+        it lands, a retry of the key on this process sends it first (see
+        claim_idempotency).
+        """
+        self._take_back(run_id, "release", [_script("release", [run_key(run_id)], [token])])
+        deadline = asyncio.get_running_loop().time() + CLAIM_TTL_SECONDS
+        while run_id in self._to_take_back:
+            try:
+                await self._release_once(run_id, token)
+                return
+            except StoreUnavailable:
+                if self._closing or asyncio.get_running_loop().time() > deadline:
+                    self._taken_back(run_id, "release")
+                    raise
+            await asyncio.sleep(RELEASE_RETRY_SECONDS)
+
+    async def _release_once(self, run_id: str, token: str) -> None:
         await self._call("release", [_script("release", [run_key(run_id)], [token])])
+        self._taken_back(run_id, "release")
+
+    def _take_back(self, run_id: str, name: str, commands: list[Command]) -> None:
+        self._to_take_back.setdefault(run_id, {})[name] = commands
+
+    def _taken_back(self, run_id: str, name: str) -> None:
+        pending = self._to_take_back.get(run_id)
+        if pending is not None:
+            pending.pop(name, None)
+            if not pending:
+                del self._to_take_back[run_id]
 
     async def create(self, record: RunRecord, started: RunStarted) -> None:
         # Listed under its worker first, so a running run can always be found by the
@@ -538,13 +587,13 @@ class RedisRunStore:
         """Remove a create whose caller was refused, should it have landed after all."""
         run_id = record.run_id
         keys = [run_key(run_id), events_key(run_id)]
-        removed, _ = await self._call(
-            "discard",
-            [
-                _script("discard", keys, [json_encoder.encode(record)]),
-                ("SREM", worker_runs_key(record.worker_id), run_id),
-            ],
-        )
+        commands: list[Command] = [
+            _script("discard", keys, [json_encoder.encode(record)]),
+            ("SREM", worker_runs_key(record.worker_id), run_id),
+        ]
+        self._take_back(run_id, "discard", commands)
+        removed, _ = await self._call("discard", commands)
+        self._taken_back(run_id, "discard")
         if removed:
             log.warning("late_create_discarded", run_id=run_id)
 
