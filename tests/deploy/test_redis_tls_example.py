@@ -1,4 +1,4 @@
-"""deploy/k8s/examples/redis-tls: a Component that mounts the Redis CA (and client
+"""deploy/k8s/components/redis-tls: a Component that mounts the Redis CA (and client
 certificate) from a Secret and points the service at those files.
 
 Applied here as kustomize applies it (a strategic merge of the patch onto the base's
@@ -18,7 +18,7 @@ import pytest
 from service.config import Settings
 from tests.deploy.conftest import K8S, load_one, pod_environ
 
-EXAMPLE: Final = K8S / "examples" / "redis-tls"
+EXAMPLE: Final = K8S / "components" / "redis-tls"
 
 
 def merge_by_name(base: list[dict[str, Any]], patch: list[dict[str, Any]]) -> list[dict[str, Any]]:
