@@ -49,6 +49,7 @@ from typing import Any, Final
 import msgspec
 import structlog
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -81,7 +82,15 @@ from service.store.base import (
 from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
 from service.store.redis_connect import RedisConnector
 from service.store.redis_listener import NotificationListener
-from service.store.redis_server import ServerReport, inspect, probe_key, self_check
+from service.store.redis_server import (
+    CheckFailed,
+    Misconfigured,
+    ServerReport,
+    classify,
+    inspect,
+    probe_key,
+    self_check,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -446,14 +455,26 @@ class RedisRunStore:
 
     async def self_check(self) -> ServerReport:
         """The deep check behind ``quiesce check`` (see redis_server); raises CheckFailed."""
-        return await self_check(
-            self._redis,
-            _SCRIPTS.values(),
-            probe_key(),
-            describe=self._connector.describe,
-            min_replicas=self._commands.min_replicas,
-            wait_timeout_ms=self._commands.wait_timeout_ms,
-        )
+        try:
+            return await self_check(
+                self._redis,
+                _SCRIPTS.values(),
+                probe_key(),
+                describe=self._connector.describe,
+                min_replicas=self._commands.min_replicas,
+                wait_timeout_ms=self._commands.wait_timeout_ms,
+            )
+        except Misconfigured:
+            raise
+        except CheckFailed as exc:
+            # "No master found" keeps only each sentinel's error type: ask them again
+            # for the real reason (a certificate that does not verify, ...).
+            if not isinstance(exc.__cause__, MasterNotFoundError):
+                raise
+            reason = await self._connector.sentinel_error()
+            if reason is None:
+                raise
+            raise classify(reason) from exc
 
     def _generation_command(self) -> Command:
         return _script("generation", [GENERATION_KEY], [secrets.token_hex(8)])

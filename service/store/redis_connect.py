@@ -162,6 +162,20 @@ class RedisConnector:
             mode="sentinel", tls=self.tls, nodes=tuple(nodes), connected_replicas=connected
         )
 
+    async def sentinel_error(self) -> Exception | None:
+        """The first sentinel's own error when asked for the master (None: they all
+        answer). redis-py's "No master found" keeps only the error types."""
+        if self.sentinel is None or self.master_name is None:
+            return None
+        for client in self.sentinel.sentinels:
+            try:
+                await client.execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
+                )
+            except Exception as exc:  # whatever it is, it is the reason to report
+                return exc
+        return None
+
     async def aclose(self) -> None:
         if self.sentinel is not None:
             await self.sentinel.aclose()

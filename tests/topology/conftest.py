@@ -121,27 +121,56 @@ class TlsServer:
         )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA made at test time, a server certificate for 127.0.0.1 and localhost, a
+    client certificate, and another CA that signed neither."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    other_ca: str
+
+    @classmethod
+    def make(cls, directory: Path) -> TlsFiles:
+        ca = trustme.CA()
+        server = ca.issue_cert("127.0.0.1", "localhost")
+        client = ca.issue_cert("quiesce-client")
+        files = cls(*(str(directory / name) for name in (
+            "ca.pem", "server.pem", "server.key", "client.pem", "client.key", "other-ca.pem"
+        )))  # fmt: skip
+        ca.cert_pem.write_to_path(files.ca)
+        server.cert_chain_pems[0].write_to_path(files.server_cert)
+        server.private_key_pem.write_to_path(files.server_key)
+        client.cert_chain_pems[0].write_to_path(files.client_cert)
+        client.private_key_pem.write_to_path(files.client_key)
+        trustme.CA().cert_pem.write_to_path(files.other_ca)
+        return files
+
+    def server_args(self, auth_clients: str) -> list[str]:
+        """redis-server's TLS options (also for replication and sentinels)."""
+        return [
+            "--tls-cert-file", self.server_cert, "--tls-key-file", self.server_key,
+            "--tls-ca-cert-file", self.ca, "--tls-auth-clients", auth_clients,
+            "--tls-replication", "yes",
+        ]  # fmt: skip
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {
+            "ssl": True,
+            "ssl_ca_certs": self.ca,
+            "ssl_certfile": self.client_cert,
+            "ssl_keyfile": self.client_key,
+        }
+
+
 @pytest.fixture(scope="session")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
     """A redis-server on TLS only, which requires a client certificate (mutual TLS)."""
     directory = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    server_cert = ca.issue_cert("127.0.0.1", "localhost")
-    client_cert = ca.issue_cert("quiesce-client")
-    paths = {
-        "ca": directory / "ca.pem",
-        "server_cert": directory / "server.pem",
-        "server_key": directory / "server.key",
-        "client_cert": directory / "client.pem",
-        "client_key": directory / "client.key",
-        "other_ca": directory / "other-ca.pem",
-    }
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    server_cert.cert_chain_pems[0].write_to_path(str(paths["server_cert"]))
-    server_cert.private_key_pem.write_to_path(str(paths["server_key"]))
-    client_cert.cert_chain_pems[0].write_to_path(str(paths["client_cert"]))
-    client_cert.private_key_pem.write_to_path(str(paths["client_key"]))
-    trustme.CA().cert_pem.write_to_path(str(paths["other_ca"]))
+    files = TlsFiles.make(directory)
     processes = Processes(directory)
     port = free_port()
     try:
@@ -149,19 +178,16 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
             "tls",
             [
                 "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-                "--tls-cert-file", str(paths["server_cert"]),
-                "--tls-key-file", str(paths["server_key"]),
-                "--tls-ca-cert-file", str(paths["ca"]),
-                "--tls-auth-clients", "yes",
+                *files.server_args("yes"),
                 "--save", "", "--appendonly", "no", "--dir", str(directory),
             ],
         )  # fmt: skip
         server = TlsServer(
             port=port,
-            ca_file=str(paths["ca"]),
-            cert_file=str(paths["client_cert"]),
-            key_file=str(paths["client_key"]),
-            other_ca_file=str(paths["other_ca"]),
+            ca_file=files.ca,
+            cert_file=files.client_cert,
+            key_file=files.client_key,
+            other_ca_file=files.other_ca,
             process=process,
         )
 
@@ -188,17 +214,26 @@ class SentinelTopology:
     sentinel_ports: list[int]
     nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     node_args: dict[int, list[str]] = field(default_factory=dict)
+    #: Everything over TLS (nodes, replication, sentinels) when set.
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://:{DATA_PASSWORD}@{hosts}/{MASTER_NAME}/0"
+        scheme = "redis+sentinel" if self.tls is None else "rediss+sentinel"
+        return f"{scheme}://:{DATA_PASSWORD}@{hosts}/{MASTER_NAME}/0"
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "redis_url": self.url,
             "redis_sentinel_password": SENTINEL_PASSWORD,
         }
+        if self.tls is not None:
+            values |= {
+                "redis_ca_file": self.tls.ca,
+                "redis_cert_file": self.tls.client_cert,
+                "redis_key_file": self.tls.client_key,
+            }
         values.update(overrides)
         return Settings(**values)
 
@@ -207,14 +242,27 @@ class SentinelTopology:
             "QUIESCE_REDIS_URL": self.url,
             "QUIESCE_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
         }
+        if self.tls is not None:
+            values |= {
+                "QUIESCE_REDIS_CA_FILE": self.tls.ca,
+                "QUIESCE_REDIS_CERT_FILE": self.tls.client_cert,
+                "QUIESCE_REDIS_KEY_FILE": self.tls.client_key,
+            }
         values.update(overrides)
         return values
 
+    def _tls_kwargs(self) -> dict[str, Any]:
+        return {} if self.tls is None else self.tls.client_kwargs()
+
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=DATA_PASSWORD, socket_timeout=2)
+        return redis.Redis(
+            port=port, password=DATA_PASSWORD, socket_timeout=2, **self._tls_kwargs()
+        )
 
     def sentinel(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=SENTINEL_PASSWORD, socket_timeout=2)
+        return redis.Redis(
+            port=port, password=SENTINEL_PASSWORD, socket_timeout=2, **self._tls_kwargs()
+        )
 
     def master_port_now(self) -> int:
         """The master's port as the first sentinel that answers says."""
@@ -238,20 +286,29 @@ class SentinelTopology:
         self.nodes[port] = self.processes.spawn(f"node-{port}-again", self.node_args[port])
 
     @classmethod
-    def start(cls, directory: Path) -> SentinelTopology:
+    def start(cls, directory: Path, *, tls: bool = False) -> SentinelTopology:
+        """Start the topology; with ``tls`` every connection is TLS (mutual TLS
+        between the nodes and the sentinels, clients' certificates optional)."""
         directory.mkdir(parents=True, exist_ok=True)
         processes = Processes(directory)
         master, replica = free_port(), free_port()
-        topology = cls(processes, master, replica, [free_port() for _ in range(3)])
+        files = TlsFiles.make(directory) if tls else None
+        topology = cls(processes, master, replica, [free_port() for _ in range(3)], tls=files)
+
+        def listen(port: int) -> list[str]:
+            if files is None:
+                return ["--port", str(port)]
+            return ["--port", "0", "--tls-port", str(port), *files.server_args("optional")]
+
         try:
             common = [
                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--requirepass", DATA_PASSWORD, "--masterauth", DATA_PASSWORD,
+                "--dir", str(directory),
             ]  # fmt: skip
-            topology.node_args[master] = ["--port", str(master), "--dir", str(directory), *common]
+            topology.node_args[master] = [*listen(master), *common]
             topology.node_args[replica] = [
-                "--port", str(replica), "--dir", str(directory), *common,
-                "--replicaof", "127.0.0.1", str(master),
+                *listen(replica), *common, "--replicaof", "127.0.0.1", str(master),
             ]  # fmt: skip
             for port, name in ((master, "master"), (replica, "replica")):
                 topology.nodes[port] = processes.spawn(name, topology.node_args[port])
@@ -263,8 +320,15 @@ class SentinelTopology:
             wait_for(replica_in_sync, "the replica to sync")
             for index, port in enumerate(topology.sentinel_ports):
                 conf = directory / f"sentinel-{index}.conf"
+                listening = f"port {port}\n"
+                if files is not None:
+                    listening = (
+                        f"port 0\ntls-port {port}\ntls-cert-file {files.server_cert}\n"
+                        f"tls-key-file {files.server_key}\ntls-ca-cert-file {files.ca}\n"
+                        "tls-auth-clients optional\ntls-replication yes\n"
+                    )
                 conf.write_text(
-                    f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                    f"{listening}bind 127.0.0.1\ndir {directory}\n"
                     f"requirepass {SENTINEL_PASSWORD}\n"
                     f"sentinel sentinel-pass {SENTINEL_PASSWORD}\n"
                     f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n"
@@ -299,14 +363,27 @@ def sentinel_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent
         topology.processes.stop()
 
 
+@pytest.fixture(scope="session")
+def tls_sentinel_topology(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SentinelTopology]:
+    """The same, with every connection over TLS (rediss+sentinel://)."""
+    topology = SentinelTopology.start(tmp_path_factory.mktemp("tls-sentinel"), tls=True)
+    try:
+        yield topology
+    finally:
+        topology.processes.stop()
+
+
 # --- the store over each topology -----------------------------------------------------
 
 
 def topology_settings(
     store_kind: str, request: pytest.FixtureRequest, **overrides: Any
 ) -> Settings:
-    if store_kind == "sentinel":
-        topology: SentinelTopology = request.getfixturevalue("sentinel_topology")
+    if store_kind in ("sentinel", "tls-sentinel"):
+        name = "sentinel_topology" if store_kind == "sentinel" else "tls_sentinel_topology"
+        topology: SentinelTopology = request.getfixturevalue(name)
         with topology.node(topology.master_port_now()) as client:
             client.flushall()
         return topology.settings(run_retention_seconds=3600, **overrides)

@@ -133,3 +133,19 @@ def test_the_sentinel_and_master_passwords_are_redacted_from_logs() -> None:
     from_env = Redactor.from_env(env)
     assert from_env is not None
     assert "secret" not in from_env(None, "", "master-secret-123456 sentinel-secret-123456")
+
+
+def test_check_reports_sentinel_over_tls(tls_sentinel_topology: SentinelTopology) -> None:
+    result = run_cli("check", **tls_sentinel_topology.env())
+    assert result.returncode == 0, result.stderr
+    assert "redis: mode sentinel; TLS on; nodes 127.0.0.1:" in result.stdout
+    assert "3 sentinels (sentinel)" in result.stdout
+
+
+def test_a_wrong_ca_for_tls_sentinels_stops_the_start(
+    tls_sentinel_topology: SentinelTopology,
+) -> None:
+    assert tls_sentinel_topology.tls is not None
+    env = tls_sentinel_topology.env(QUIESCE_REDIS_CA_FILE=tls_sentinel_topology.tls.other_ca)
+    line = refused_start(run_cli("serve", **env))
+    assert "TLS verification failed" in line

@@ -1,4 +1,4 @@
-"""The store contract suite, again, over Sentinel and over standalone-with-mutual-TLS.
+"""The store contract suite, again, over Sentinel, mutual TLS, and Sentinel over TLS.
 
 The tests are those of tests/integration/test_store_contract.py; the fixtures below
 (which override tests/conftest.py's for this module only) give them a ``store`` opened
@@ -20,7 +20,7 @@ from tests.topology.conftest import build_store
 pytestmark = pytest.mark.topology
 
 
-@pytest.fixture(params=["sentinel", "tls"])
+@pytest.fixture(params=["sentinel", "tls", "tls-sentinel"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
