@@ -169,7 +169,7 @@ class RedisConnector:
             return None
         for client in self.sentinel.sentinels:
             try:
-                await client.execute_command(
+                await client.execute_command(  # type: ignore[no-untyped-call]
                     "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
                 )
             except Exception as exc:  # whatever it is, it is the reason to report
