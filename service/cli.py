@@ -14,6 +14,10 @@
 * ``quiesce drain`` — the preStop hook: start the drain of the local server and
   wait until it has finished, at most ``--timeout`` seconds.
 
+``quiesce serve`` first checks the store as ``check`` does: a wrong mode, refused
+credentials, a TLS certificate that does not verify or a Redis too old stop it with one
+line naming ``QUIESCE_REDIS_URL`` (exit 2); an unreachable Redis is only a warning.
+
 Exit codes: 0 success; 1 the check or the drain failed; 2 bad configuration.
 """
 
@@ -50,6 +54,8 @@ LISTEN_BACKLOG: Final = 2048
 MAX_HEADER_READ_TIMEOUT_MS: Final = 60_000
 #: File descriptors the worker needs besides its sockets (Redis, logs, modules).
 FD_RESERVE: Final = 256
+#: How long ``quiesce serve`` gives its store check before starting anyway.
+PREFLIGHT_TIMEOUT_SECONDS: Final = 5.0
 
 
 def granian_backpressure(settings: Settings) -> int:
@@ -109,10 +115,45 @@ def raise_fd_limit(needed: int) -> str | None:
     return None
 
 
+def store_preflight(settings: Settings, timeout: float = PREFLIGHT_TIMEOUT_SECONDS) -> str | None:
+    """Before serving: the one-line reason start-up must stop (None: go on).
+
+    A wrong mode, refused credentials, a TLS certificate that does not verify or a
+    server too old stop it (no restart fixes them); an unreachable Redis does not —
+    it may be starting too — and is only a warning.
+    """
+    if settings.redis_url is None:
+        return None
+    from service.store import open_store
+    from service.store.redis import RedisRunStore
+    from service.store.redis_server import Misconfigured
+
+    store = open_store(settings)
+    assert isinstance(store, RedisRunStore)
+
+    async def run() -> None:
+        try:
+            await asyncio.wait_for(store.self_check(), timeout)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except Misconfigured as exc:
+        return str(exc)
+    except Exception as exc:  # unreachable, or anything else: serve, and say so
+        reason = " ".join(str(exc).split()) or "no answer"
+        print(f"warning: the store could not be checked at start: {reason}", file=sys.stderr)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     from service.granian_bridge import MAIN_PID_ENV
 
     settings = Settings.from_env(os.environ)
+    problem = store_preflight(settings)
+    if problem is not None:
+        raise ConfigError(f"QUIESCE_REDIS_URL: {' '.join(problem.split())}")
     argv = granian_argv(settings, args.host)
     warning = raise_fd_limit(granian_backpressure(settings) + FD_RESERVE)
     if warning is not None:
@@ -159,6 +200,10 @@ def check(args: argparse.Namespace) -> int:
             "probe key written, read and deleted; scripts loaded"
         )
         policy = report.eviction_policy or "unknown"
+        if report.topology is not None:
+            print(f"redis: {report.topology.describe()}")
+        if settings.redis_min_replicas:
+            print(f"redis: probe write confirmed by {settings.redis_min_replicas} replicas (WAIT)")
         print(f"redis: maxmemory-policy {policy}; persistence {report.persistence()}")
         for setting, detail in report.warnings():
             print(f"warning: {setting} {detail}")

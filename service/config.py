@@ -14,12 +14,13 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from service.webhooks import decode_secret
 
 LogFormat = Literal["json", "console"]
+RedisMode = Literal["auto", "standalone", "cluster", "sentinel"]
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -33,6 +34,13 @@ _POD_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: Where Kubernetes mounts the pod's service-account token, cluster CA and namespace.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+_SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
+_REDIS_MODES: tuple[RedisMode, ...] = ("auto", "standalone", "cluster", "sentinel")
+#: Sentinel's own port, assumed for a sentinel address written without one.
+SENTINEL_DEFAULT_PORT = 26379
+#: The most WAIT may block: below the store's 2 s socket and call timeouts, so a
+#: replica that does not confirm is a 503, never a dropped connection.
+MAX_WAIT_TIMEOUT_SECONDS = 1.5
 #: What leaving a signing secret unset means, for the error on an empty one.
 _SIGNING_UNSET = {
     "QUIESCE_CALLBACK_SECRET": "send callbacks unsigned",
@@ -89,6 +97,19 @@ class Settings:
     #: A drain stops runs that will be retried on ``shutdown`` at its start (another
     #: replica adopts them) instead of at the end of the grace.
     handoff_on_drain: bool = False
+    redis_mode: RedisMode = "auto"
+    #: TLS: the CA that signs the server's certificate, and the client's own
+    #: certificate and key for mutual TLS (both or neither).
+    redis_ca_file: str | None = None
+    redis_cert_file: str | None = None
+    redis_key_file: str | None = None
+    #: The sentinels' own credentials (the URL's are the master's).
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
+    #: Creates and terminal writes are acknowledged only once WAIT confirms this
+    #: many replicas have them (0: no confirmation).
+    redis_min_replicas: int = 0
+    redis_wait_timeout_seconds: float = 0.5
 
     @classmethod
     def from_env(
@@ -125,6 +146,8 @@ class Settings:
             max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
             pod_deletion_cost=env.pod_deletion_cost(service_account_dir),
             handoff_on_drain=env.flag("QUIESCE_HANDOFF_ON_DRAIN"),
+            redis_mode=env.redis_mode(),
+            **env.redis_topology(),
         )
 
 
@@ -208,12 +231,97 @@ class _Env:
             if value is None:
                 continue
             scheme = urlsplit(value).scheme
-            if scheme not in _REDIS_SCHEMES:
+            if scheme in _SENTINEL_SCHEMES:
+                try:
+                    parse_sentinel_url(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+            elif scheme not in _REDIS_SCHEMES:
                 raise ConfigError(
-                    f"{name}: expected a redis://, rediss:// or unix:// URL, got scheme {scheme!r}"
+                    f"{name}: expected a redis://, rediss://, redis+sentinel://, "
+                    f"rediss+sentinel:// or unix:// URL, got scheme {scheme!r}"
                 )
             return value
         return None
+
+    def redis_mode(self) -> RedisMode:
+        value = self.raw("QUIESCE_REDIS_MODE")
+        if value is None:
+            return "auto"
+        for mode in _REDIS_MODES:
+            if value == mode:
+                return mode
+        raise ConfigError(
+            f"QUIESCE_REDIS_MODE: expected one of {', '.join(_REDIS_MODES)}, got {value!r}"
+        )
+
+    def redis_topology(self) -> dict[str, Any]:
+        """TLS files, the sentinels' credentials and replica confirmation, checked
+        against the URL they go with (a CA file for a plain redis:// URL is a mistake
+        that would otherwise pass silently)."""
+        url = self.redis_url()
+        scheme = "" if url is None else urlsplit(url).scheme
+        mode = self.redis_mode()
+        if (mode == "sentinel") != (scheme in _SENTINEL_SCHEMES) and url is not None:
+            if mode == "sentinel":
+                raise ConfigError(
+                    "QUIESCE_REDIS_MODE: sentinel needs a redis+sentinel:// or "
+                    "rediss+sentinel:// URL in QUIESCE_REDIS_URL"
+                )
+            if mode != "auto":
+                raise ConfigError(
+                    f"QUIESCE_REDIS_MODE: {mode} does not go with a {scheme}:// URL "
+                    "(that URL names sentinels)"
+                )
+        tls = scheme in ("rediss", "rediss+sentinel")
+        files: dict[str, str | None] = {}
+        for field_name, name in (
+            ("redis_ca_file", "QUIESCE_REDIS_CA_FILE"),
+            ("redis_cert_file", "QUIESCE_REDIS_CERT_FILE"),
+            ("redis_key_file", "QUIESCE_REDIS_KEY_FILE"),
+        ):
+            path = self.raw(name)
+            if path is not None:
+                if not tls:
+                    raise ConfigError(
+                        f"{name}: set, but QUIESCE_REDIS_URL is not a rediss:// or "
+                        "rediss+sentinel:// URL (TLS is off)"
+                    )
+                if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                    raise ConfigError(f"{name}: {path!r} is not a readable file")
+            files[field_name] = path
+        if (files["redis_cert_file"] is None) != (files["redis_key_file"] is None):
+            raise ConfigError(
+                "QUIESCE_REDIS_CERT_FILE: a client certificate needs its key "
+                "(QUIESCE_REDIS_KEY_FILE), and the key its certificate: set both or neither"
+            )
+        sentinel_username = self.raw("QUIESCE_REDIS_SENTINEL_USERNAME")
+        sentinel_password = self.set_value(
+            "QUIESCE_REDIS_SENTINEL_PASSWORD", when_unset="connect to the sentinels without one"
+        )
+        if (sentinel_password or sentinel_username) and scheme not in _SENTINEL_SCHEMES:
+            raise ConfigError(
+                "QUIESCE_REDIS_SENTINEL_PASSWORD: set, but QUIESCE_REDIS_URL does not name "
+                "sentinels (redis+sentinel://)"
+            )
+        min_replicas = self.integer("QUIESCE_REDIS_MIN_REPLICAS", 0, minimum=0, maximum=100)
+        if min_replicas and url is None:
+            raise ConfigError("QUIESCE_REDIS_MIN_REPLICAS: needs QUIESCE_REDIS_URL (a Redis)")
+        wait_timeout = self.number(
+            "QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS", 0.5, minimum=0, exclusive=True
+        )
+        if wait_timeout > MAX_WAIT_TIMEOUT_SECONDS:
+            raise ConfigError(
+                f"QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS: must be <= {MAX_WAIT_TIMEOUT_SECONDS:g} "
+                f"(below the store's call timeout), got {wait_timeout:g}"
+            )
+        return {
+            **files,
+            "redis_sentinel_username": sentinel_username,
+            "redis_sentinel_password": sentinel_password,
+            "redis_min_replicas": min_replicas,
+            "redis_wait_timeout_seconds": wait_timeout,
+        }
 
     def worker_id(self) -> str:
         value = self.raw("QUIESCE_WORKER_ID") or socket.gethostname()
@@ -311,6 +419,85 @@ def _in_cluster(
         token_file=files["token"],
         ca_file=files["ca.crt"],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    """``redis+sentinel://[user:password@]host1:26379,host2/<master>[/<db>]``, parsed.
+
+    The credentials are the master's (and its replicas'); the sentinels' own are
+    separate variables, since they are often different (or none).
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse a sentinel URL; a ValueError says what is wrong (never the password)."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in _SENTINEL_SCHEMES:
+        raise ValueError(f"not a sentinel URL (scheme {scheme!r})")
+    netloc, _, path = rest.partition("/")
+    netloc = netloc.split("?", 1)[0]
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, port = _host_port(item.strip())
+        sentinels.append((host, port))
+    path = path.split("?", 1)[0].strip("/")
+    parts = path.split("/") if path else []
+    if not parts or not parts[0]:
+        raise ValueError("the URL names no master: add /<master-name> after the sentinels")
+    if len(parts) > 2:
+        raise ValueError("expected /<master-name>[/<db>] after the sentinels")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise ValueError(f"the database must be a whole number, got {parts[1]!r}")
+        db = int(parts[1])
+    return SentinelUrl(
+        sentinels=tuple(sentinels),
+        master_name=unquote(parts[0]),
+        db=db,
+        username=username,
+        password=password,
+        tls=scheme == "rediss+sentinel",
+    )
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    if not item:
+        raise ValueError("a sentinel address is empty (two commas, or none at all?)")
+    if item.startswith("["):
+        host, bracket, tail = item[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"the sentinel address {item!r} lacks its closing ']'")
+        port_text = tail.removeprefix(":") if tail.startswith(":") else None
+        if tail and port_text is None:
+            raise ValueError(f"the sentinel address {item!r} is not [host]:port")
+    else:
+        host, colon, port_text_raw = item.rpartition(":")
+        if not colon:
+            host, port_text = item, None
+        else:
+            port_text = port_text_raw
+    if not host:
+        raise ValueError(f"the sentinel address {item!r} has no host")
+    if port_text is None:
+        return host, SENTINEL_DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"the sentinel address {item!r} has a bad port {port_text!r}")
+    return host, int(port_text)
 
 
 def _split_list(value: str | None) -> tuple[str, ...]:

@@ -11,7 +11,8 @@ defences keep them out of a line even by accident:
   its request headers and body (structlog's ``dict_tracebacks`` and the Rich console
   traceback both show locals by default);
 * values under sensitive key names are masked;
-* every configured secret (the API token, the signing secrets, the Redis password)
+* every configured secret (the API token, the signing secrets, the Redis password,
+  the sentinels' password)
   is replaced by ``[redacted]`` in the finished line, in each form it could be
   printed in. This last step runs on the rendered text, so it covers messages,
   tracebacks and third-party records alike.
@@ -41,7 +42,7 @@ _QUIET_LOGGERS: Final = ("httpx", "httpcore")
 #: What a secret is replaced with in a rendered line.
 REDACTED: Final = "[redacted]"
 #: Variables holding a bearer token or password, redacted as written.
-TOKEN_VARIABLES: Final = ("QUIESCE_API_TOKEN",)
+TOKEN_VARIABLES: Final = ("QUIESCE_API_TOKEN", "QUIESCE_REDIS_SENTINEL_PASSWORD")
 #: Variables holding a Standard Webhooks secret (``whsec_<base64 key>``).
 SIGNING_SECRET_VARIABLES: Final = ("QUIESCE_WEBHOOK_SECRET", "QUIESCE_CALLBACK_SECRET")
 REDIS_URL_VARIABLES: Final = ("QUIESCE_REDIS_URL", "REDIS_URL")
@@ -144,7 +145,7 @@ class Redactor:
     @classmethod
     def for_settings(cls, settings: Settings) -> Redactor | None:
         return cls.of(
-            tokens=[settings.api_token],
+            tokens=[settings.api_token, settings.redis_sentinel_password],
             signing_secrets=[settings.webhook_secret, settings.callback_secret],
             redis_url=settings.redis_url,
         )
@@ -204,6 +205,14 @@ def _key_texts(secret: str) -> set[str]:
 def _redis_password(url: str | None) -> str | None:
     if not url:
         return None
+    if "+sentinel://" in url:
+        # Several hosts: urlsplit cannot read it, the sentinel parser can.
+        from service.config import parse_sentinel_url
+
+        try:
+            return parse_sentinel_url(url).password
+        except ValueError:
+            return None
     try:
         return urlsplit(url).password
     except ValueError:

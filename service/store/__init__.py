@@ -16,7 +16,13 @@ def open_store(settings: Settings, *, on_error: Callable[[str], None] | None = N
     if settings.redis_url is None:
         return MemoryRunStore(retention_seconds=settings.run_retention_seconds)
     from service.store.redis import RedisRunStore
+    from service.store.redis_connect import RedisConnector
 
     return RedisRunStore(
-        settings.redis_url, retention_seconds=settings.run_retention_seconds, on_error=on_error
+        settings.redis_url,
+        retention_seconds=settings.run_retention_seconds,
+        on_error=on_error,
+        connector=RedisConnector.from_settings(settings),
+        min_replicas=settings.redis_min_replicas,
+        wait_timeout_seconds=settings.redis_wait_timeout_seconds,
     )

@@ -48,8 +48,8 @@ from typing import Any, Final
 
 import msgspec
 import structlog
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -80,9 +80,18 @@ from service.store.base import (
     parse_cursor,
 )
 from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
+from service.store.redis_connect import RedisConnector
 from service.store.redis_listener import NotificationListener
 from service.store.redis_queue import QUEUE_SCRIPTS, RedisQueue, RedisQueueMethods
-from service.store.redis_server import ServerReport, inspect, probe_key, self_check
+from service.store.redis_server import (
+    CheckFailed,
+    Misconfigured,
+    ServerReport,
+    classify,
+    inspect,
+    probe_key,
+    self_check,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +123,8 @@ EXPIRED_BATCH: Final = 100
 #: After a refused write: how often its undo is tried.
 UNDO_ATTEMPTS: Final = 5
 UNDO_FIRST_RETRY_SECONDS: Final = 0.5
+#: How often an idempotency claim's release is repeated while the store is away.
+RELEASE_RETRY_SECONDS: Final = 0.2
 
 
 def run_key(run_id: str) -> str:
@@ -139,6 +150,9 @@ class RedisRunStore(RedisQueueMethods):
         retention_seconds: int,
         max_events: int = MAX_EVENTS_PER_RUN,
         on_error: Callable[[str], None] | None = None,
+        connector: RedisConnector | None = None,
+        min_replicas: int = 0,
+        wait_timeout_seconds: float = 0.5,
     ) -> None:
         self._retention = retention_seconds
         self._max_events = max_events
@@ -153,41 +167,46 @@ class RedisRunStore(RedisQueueMethods):
         self._running: Callable[[], Collection[RunRecord]] = tuple
         self._on_reset: Callable[[], None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+        #: Per run id: writes being taken back (a refused create, a claim to release),
+        #: sent ahead of a new claim of that id (see claim_idempotency).
+        self._to_take_back: dict[str, dict[str, list[Command]]] = {}
+        # Standalone or Sentinel-managed, TLS or not (redis_connect).
+        self._connector = connector or RedisConnector.from_url(url)
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
-        self._redis = Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                url,
-                max_connections=MAX_IN_FLIGHT,
-                timeout=SOCKET_TIMEOUT_SECONDS,
-                socket_timeout=SOCKET_TIMEOUT_SECONDS,
-                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                # Retry a dropped connection once; a timeout is already an outage.
-                retry=Retry(
-                    ExponentialWithJitterBackoff(base=0.05, cap=0.25),
-                    retries=1,
-                    supported_errors=(RedisConnectionError,),
-                ),
-                health_check_interval=30,
-            )
+        self._redis = self._connector.client(
+            blocking=True,
+            max_connections=MAX_IN_FLIGHT,
+            timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            # Retry a dropped connection once; a timeout is already an outage.
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=0.25),
+                retries=1,
+                supported_errors=(RedisConnectionError,),
+            ),
+            health_check_interval=30,
         )
         self._commands = CommandPipeline(
             self._redis,
             scripts=_SCRIPTS.values(),
             timeout=CALL_TIMEOUT_SECONDS,
             max_in_flight=MAX_IN_FLIGHT,
+            min_replicas=min_replicas,
+            wait_timeout=wait_timeout_seconds,
         )
         # Pub/Sub: its own connection, no hidden retries, so the listener sees every
-        # disconnect and can resync after it.
+        # disconnect and can resync after it (and, under Sentinel, reconnects to
+        # whichever server is the master then).
         self._listener = NotificationListener(
-            Redis.from_pool(
-                ConnectionPool.from_url(
-                    url,
-                    max_connections=2,
-                    socket_timeout=SOCKET_TIMEOUT_SECONDS,
-                    socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    retry=Retry(NoBackoff(), retries=0),
-                )
+            self._connector.client(
+                blocking=False,
+                max_connections=2,
+                socket_timeout=SOCKET_TIMEOUT_SECONDS,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                retry=Retry(NoBackoff(), retries=0),
             ),
             cancel_prefix=CANCEL_CHANNEL_PREFIX,
             events_prefix=EVENTS_CHANNEL_PREFIX,
@@ -216,6 +235,7 @@ class RedisRunStore(RedisQueueMethods):
         self._spawn(self._warn_about_server())
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -226,6 +246,7 @@ class RedisRunStore(RedisQueueMethods):
         await self._listener.close()
         await self._queue.close()
         await self._redis.aclose()
+        await self._connector.aclose()
 
     async def ping(self) -> None:
         await self._call("ping", [("PING",)])
@@ -248,11 +269,22 @@ class RedisRunStore(RedisQueueMethods):
     async def claim_idempotency(
         self, run_id: str, fingerprint: str, token: str
     ) -> RunRecord | None:
-        (reply,) = await self._call(
+        # Writes still to be taken back for this run id (a create refused, its claim
+        # not yet released — typically because the store was away) go first, in the
+        # same pipeline: the key's retry must find the key free, not "pending" (409)
+        # or the refused create (a replay of a run that was never started).
+        taken_back = self._to_take_back.get(run_id, {})
+        prefix = [command for commands in taken_back.values() for command in commands]
+        *_, reply = await self._call(
             "claim",
-            [_script("claim", [run_key(run_id)], [fingerprint, CLAIM_TTL_SECONDS, token])],
-            undo=partial(self._undo, "claim", partial(self.release_idempotency, run_id, token)),
+            [
+                *prefix,
+                _script("claim", [run_key(run_id)], [fingerprint, CLAIM_TTL_SECONDS, token]),
+            ],
+            undo=partial(self._undo, "claim", partial(self._release_once, run_id, token)),
         )
+        for name in list(taken_back):
+            self._taken_back(run_id, name)
         outcome = reply[0].decode()
         if outcome == "claimed":
             return None
@@ -263,7 +295,38 @@ class RedisRunStore(RedisQueueMethods):
         return record_decoder.decode(reply[1])
 
     async def release_idempotency(self, run_id: str, token: str) -> None:
+        """Release a claim whose create failed; repeated while the store is away.
+
+        A claim left behind answers the key's retries with 409 until it expires
+        (CLAIM_TTL_SECONDS). A failover is exactly when the first release fails; until
+        it lands, a retry of the key on this process sends it first (see
+        claim_idempotency).
+        """
+        self._take_back(run_id, "release", [_script("release", [run_key(run_id)], [token])])
+        deadline = asyncio.get_running_loop().time() + CLAIM_TTL_SECONDS
+        while run_id in self._to_take_back:
+            try:
+                await self._release_once(run_id, token)
+                return
+            except StoreUnavailable:
+                if self._closing or asyncio.get_running_loop().time() > deadline:
+                    self._taken_back(run_id, "release")
+                    raise
+            await asyncio.sleep(RELEASE_RETRY_SECONDS)
+
+    async def _release_once(self, run_id: str, token: str) -> None:
         await self._call("release", [_script("release", [run_key(run_id)], [token])])
+        self._taken_back(run_id, "release")
+
+    def _take_back(self, run_id: str, name: str, commands: list[Command]) -> None:
+        self._to_take_back.setdefault(run_id, {})[name] = commands
+
+    def _taken_back(self, run_id: str, name: str) -> None:
+        pending = self._to_take_back.get(run_id)
+        if pending is not None:
+            pending.pop(name, None)
+            if not pending:
+                del self._to_take_back[run_id]
 
     async def create(
         self, record: RunRecord, started: RunStarted, *, input: dict[str, Any] | None = None
@@ -281,6 +344,7 @@ class RedisRunStore(RedisQueueMethods):
                 self._create_command(record, started),
             ],
             undo=partial(self._undo, "create", partial(self._discard, record)),
+            confirm=True,
         )
 
     def _running_ttl(self, record: RunRecord) -> int:
@@ -359,11 +423,11 @@ class RedisRunStore(RedisQueueMethods):
             record.worker_id,  # (only that worker's attempt is ended: see finalize.lua)
         ]
         command = _script("finalize", [run_key(run_id), events_key(run_id)], args)
-        (won,) = await self._call("finalize", [command])
+        (won,) = await self._call("finalize", [command], confirm=True)
         if won == -1:
             # The run is gone: if the store was reset, it is written back; then again.
             await self._check_generation()
-            (won,) = await self._call("finalize", [command])
+            (won,) = await self._call("finalize", [command], confirm=True)
         # Unlisted only once terminal (a crash in between leaves the reaper a no-op).
         self._unlist_soon(record.worker_id, run_id)
         return bool(won == 1)
@@ -417,7 +481,26 @@ class RedisRunStore(RedisQueueMethods):
 
     async def self_check(self) -> ServerReport:
         """The deep check behind ``quiesce check`` (see redis_server); raises CheckFailed."""
-        return await self_check(self._redis, _SCRIPTS.values(), probe_key())
+        try:
+            return await self_check(
+                self._redis,
+                _SCRIPTS.values(),
+                probe_key(),
+                describe=self._connector.describe,
+                min_replicas=self._commands.min_replicas,
+                wait_timeout_ms=self._commands.wait_timeout_ms,
+            )
+        except Misconfigured:
+            raise
+        except CheckFailed as exc:
+            # "No master found" keeps only each sentinel's error type: ask them again
+            # for the real reason (a certificate that does not verify, ...).
+            if not isinstance(exc.__cause__, MasterNotFoundError):
+                raise
+            reason = await self._connector.sentinel_error()
+            if reason is None:
+                raise
+            raise classify(reason) from exc
 
     def _generation_command(self) -> Command:
         return _script("generation", [GENERATION_KEY], [secrets.token_hex(8)])
@@ -507,10 +590,15 @@ class RedisRunStore(RedisQueueMethods):
             log.error("store_background_failed", exc_info=exc)
 
     async def _call(
-        self, operation: str, commands: list[Command], *, undo: Undo | None = None
+        self,
+        operation: str,
+        commands: list[Command],
+        *,
+        undo: Undo | None = None,
+        confirm: bool = False,
     ) -> list[Any]:
         try:
-            return await self._commands.run(commands, undo=undo)
+            return await self._commands.run(commands, undo=undo, confirm=confirm)
         except StoreUnavailable:
             if self._on_error is not None:
                 self._on_error(operation)
@@ -549,13 +637,13 @@ class RedisRunStore(RedisQueueMethods):
         """Remove a create whose caller was refused, should it have landed after all."""
         run_id = record.run_id
         keys = [run_key(run_id), events_key(run_id)]
-        removed, _ = await self._call(
-            "discard",
-            [
-                _script("discard", keys, [json_encoder.encode(record)]),
-                ("SREM", worker_runs_key(record.worker_id), run_id),
-            ],
-        )
+        commands: list[Command] = [
+            _script("discard", keys, [json_encoder.encode(record)]),
+            ("SREM", worker_runs_key(record.worker_id), run_id),
+        ]
+        self._take_back(run_id, "discard", commands)
+        removed, _ = await self._call("discard", commands)
+        self._taken_back(run_id, "discard")
         if removed:
             log.warning("late_create_discarded", run_id=run_id)
 

@@ -9,6 +9,12 @@ Here callers only queue a job (one or more commands) and await its replies; at m
 while the previous ones were out. Connections in use are therefore bounded by
 construction, and a burst is answered in a few round trips instead of one per request.
 
+Replica confirmation (``min_replicas`` > 0): a job marked ``confirm`` (a create, a
+terminal write) is answered only once ``WAIT min_replicas timeout`` — sent at the end
+of the same pipeline, on the same connection — says that many replicas have every
+write before it; a WAIT that counts fewer fails those jobs with StoreUnavailable (and
+runs their undo), as a lost reply would.
+
 Every job also has a deadline: past it the caller gets StoreUnavailable (a 503, never
 a hang) while the commands may still reach Redis. A job that fails — timed out, a
 lost reply, or a caller that went away — runs its ``undo`` once its commands have
@@ -96,6 +102,8 @@ class _Job:
     undo: Undo | None
     deadline: float
     expired: bool = False
+    #: Answered only once WAIT confirms the replicas (see the module docstring).
+    confirm: bool = False
 
 
 class CommandPipeline:
@@ -109,8 +117,12 @@ class CommandPipeline:
         timeout: float,
         max_in_flight: int = 4,
         max_batch: int = 512,
+        min_replicas: int = 0,
+        wait_timeout: float = 0.5,
     ) -> None:
         self._redis = redis
+        self.min_replicas = min_replicas
+        self.wait_timeout_ms = max(round(wait_timeout * 1000), 1)
         self._scripts = {script.sha: script for script in scripts}
         self._timeout = timeout
         self._max_in_flight = max_in_flight
@@ -124,8 +136,13 @@ class CommandPipeline:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def run(self, commands: list[Command], *, undo: Undo | None = None) -> list[Any]:
+    async def run(
+        self, commands: list[Command], *, undo: Undo | None = None, confirm: bool = False
+    ) -> list[Any]:
         """Run the commands, in order, in the next pipeline; return their replies.
+
+        ``confirm``: with ``min_replicas`` set, answer only once WAIT has confirmed
+        the writes reached that many replicas (else StoreUnavailable).
 
         Raises StoreUnavailable when Redis cannot be reached or does not answer in
         time, and a command's own error (e.g. a ResponseError) otherwise.
@@ -139,6 +156,7 @@ class CommandPipeline:
             pending=len(commands),
             undo=undo,
             deadline=loop.time() + self._timeout,
+            confirm=confirm and self.min_replicas > 0,
         )
         self._waiting.append(job)
         if self._sweeper is None:
@@ -184,15 +202,23 @@ class CommandPipeline:
             await self._send(batch)
 
     async def _send(self, batch: list[tuple[Command, _Job, int]]) -> None:
+        wait = any(job.confirm for _, job, _ in batch)
+        unconfirmed: StoreUnavailable | None = None
         try:
-            results = await self._run([command for command, _, _ in batch])
+            results, acked = await self._run([command for command, _, _ in batch], wait=wait)
             missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
             if missing:
                 # Redis restarted (or flushed its script cache): load and run those again.
                 await self._load_scripts()
-                retried = await self._run([batch[i][0] for i in missing])
+                retried, acked_retry = await self._run([batch[i][0] for i in missing], wait=wait)
+                acked = min(acked, acked_retry)
                 for i, result in zip(missing, retried, strict=True):
                     results[i] = result
+            if wait and acked < self.min_replicas:
+                unconfirmed = StoreUnavailable(
+                    f"only {acked} of {self.min_replicas} replicas confirmed the write "
+                    f"within {self.wait_timeout_ms} ms (WAIT)"
+                )
         except UNAVAILABLE_ERRORS as exc:
             results = [StoreUnavailable(f"store unavailable: {exc}")] * len(batch)
         except BaseException as exc:
@@ -202,6 +228,8 @@ class CommandPipeline:
                 self._settle(job, index, failure)
             raise
         for (_, job, index), result in zip(batch, results, strict=True):
+            if unconfirmed is not None and job.confirm and not isinstance(result, BaseException):
+                result = unconfirmed
             self._settle(job, index, _as_unavailable(result))
 
     def _settle(self, job: _Job, index: int, result: Any) -> None:
@@ -221,11 +249,21 @@ class CommandPipeline:
             self._undos.add(undo)
             undo.add_done_callback(self._undos.discard)
 
-    async def _run(self, commands: list[Command]) -> list[Any]:
+    async def _run(self, commands: list[Command], *, wait: bool) -> tuple[list[Any], int]:
+        """The replies, and with ``wait`` how many replicas WAIT counted.
+
+        A pipeline is one connection, so the WAIT at its end covers every write in it.
+        """
         async with self._redis.pipeline(transaction=False) as pipe:
             for args in commands:
                 pipe.execute_command(*args)
-            return list(await pipe.execute(raise_on_error=False))
+            if wait:
+                pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
+            replies = list(await pipe.execute(raise_on_error=False))
+        if not wait:
+            return replies, 0
+        acked = replies.pop()
+        return replies, acked if isinstance(acked, int) else 0
 
     async def _load_scripts(self) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

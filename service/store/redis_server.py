@@ -15,9 +15,10 @@ reason, rather than on the first run.
 
 from __future__ import annotations
 
+import re
 import secrets
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -28,6 +29,7 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.store.redis_commands import UNAVAILABLE_ERRORS, LuaScript
 
@@ -39,6 +41,28 @@ PROBE_TTL_MS: Final = 60_000
 
 class CheckFailed(Exception):
     """The server cannot serve the store; the message is one line saying why."""
+
+
+class Misconfigured(CheckFailed):
+    """A failure no retry or restart fixes — wrong mode, refused credentials, a TLS
+    certificate that does not verify, a server too old — so start-up stops on it,
+    where an unreachable server is only a warning (it may come back)."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What ``quiesce check`` found: the mode, TLS, and each node with its role."""
+
+    mode: str
+    tls: bool
+    #: (address, role): "master", "replica", "sentinel", or a cluster node's flags.
+    nodes: tuple[tuple[str, str], ...]
+    #: Replicas the master reports connected (None when it could not be read).
+    connected_replicas: int | None = None
+
+    def describe(self) -> str:
+        nodes = ", ".join(f"{address} ({role})" for address, role in self.nodes) or "unknown"
+        return f"mode {self.mode}; TLS {'on' if self.tls else 'off'}; nodes {nodes}"
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,8 @@ class ServerReport:
     eviction_policy: str | None
     rdb_save: str | None
     aof_enabled: bool | None
+    #: Filled by ``quiesce check`` (self_check), not by the start-up inspection.
+    topology: Topology | None = None
 
     def persistence(self) -> str:
         rdb = "off" if self.rdb_save == "" else f'"{self.rdb_save}"'
@@ -127,15 +153,31 @@ async def inspect(redis: Redis) -> ServerReport:
     )
 
 
-async def self_check(redis: Redis, scripts: Iterable[LuaScript], probe_key: str) -> ServerReport:
-    """Prove the store can work on this server; raise CheckFailed with the reason."""
+async def self_check(
+    redis: Redis,
+    scripts: Iterable[LuaScript],
+    probe_key: str,
+    *,
+    describe: Callable[[Redis], Awaitable[Topology]] | None = None,
+    min_replicas: int = 0,
+    wait_timeout_ms: int = 500,
+) -> ServerReport:
+    """Prove the store can work on this server; raise CheckFailed with the reason.
+
+    ``describe`` finds the topology (see redis_connect); with ``min_replicas`` the
+    probe write must also be confirmed by that many replicas (WAIT), as creates are.
+    """
     try:
         await redis.ping()
         report = await inspect(redis)
         if report.version is not None and version_tuple(report.version) < MIN_REDIS_VERSION:
             minimum = ".".join(map(str, MIN_REDIS_VERSION))
-            raise CheckFailed(f"version {report.version} is too old: {minimum} or later is needed")
-        await _probe(redis, probe_key)
+            raise Misconfigured(
+                f"version {report.version} is too old: {minimum} or later is needed"
+            )
+        if describe is not None:
+            report = replace(report, topology=await describe(redis))
+        await _probe(redis, probe_key, min_replicas=min_replicas, wait_timeout_ms=wait_timeout_ms)
         for script in scripts:
             try:
                 await redis.script_load(script.source)
@@ -148,29 +190,85 @@ async def self_check(redis: Redis, scripts: Iterable[LuaScript], probe_key: str)
             raise CheckFailed(f"calling a script (EVALSHA) was refused: {exc}") from exc
     except CheckFailed:
         raise
-    except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
-        raise CheckFailed(f"authentication failed: {exc}") from exc
-    except UNAVAILABLE_ERRORS as exc:
-        raise CheckFailed(f"unreachable: {exc or type(exc).__name__}") from exc
-    except ResponseError as exc:
-        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
-            raise CheckFailed(f"authentication failed: {exc}") from exc
-        raise CheckFailed(f"the server refused a command: {exc}") from exc
+    except Exception as exc:
+        raise classify(exc) from exc
     return report
+
+
+def classify(exc: BaseException) -> CheckFailed:
+    """One line for a failure, as Misconfigured when no retry can fix it."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    lowered = text.lower()
+    if lowered.startswith("no master found"):
+        text = _sentinel_summary(text)
+    if "certificate verify failed" in lowered or "certificate_verify_failed" in lowered:
+        return Misconfigured(
+            "TLS verification failed (is QUIESCE_REDIS_CA_FILE the CA that signed the "
+            f"server's certificate, and the host name in it?): {text}"
+        )
+    if "tlsv1 alert" in lowered or ("ssl" in lowered and "handshake" in lowered):
+        return Misconfigured(f"the TLS handshake failed (a client certificate needed?): {text}")
+    if "unknown command 'sentinel'" in lowered or "unknown command `sentinel`" in lowered:
+        return Misconfigured(
+            "the hosts of the redis+sentinel:// URL are not sentinels (they do not know "
+            f"SENTINEL): use redis:// for a server: {text}"
+        )
+    if any(
+        word in lowered
+        for word in ("wrongpass", "invalid username-password", "noauth", "authenticationerror")
+    ):
+        if "no master found" in lowered:
+            return Misconfigured(
+                "authentication failed: the sentinels refused the credentials "
+                f"(QUIESCE_REDIS_SENTINEL_PASSWORD?): {text}"
+            )
+        return Misconfigured(f"authentication failed: {text}")
+    if isinstance(exc, AuthenticationError | AuthenticationWrongNumberOfArgsError):
+        return Misconfigured(f"authentication failed: {text}")
+    if "no master found" in lowered:
+        return CheckFailed(f"no sentinel names a master that is up: {text}")
+    if isinstance(exc, (*UNAVAILABLE_ERRORS, RedisConnectionError)):
+        return CheckFailed(f"unreachable: {text}")
+    if isinstance(exc, ResponseError):
+        return CheckFailed(f"the server refused a command: {text}")
+    return CheckFailed(f"check failed: {type(exc).__name__}: {text}")
+
+
+def _sentinel_summary(text: str) -> str:
+    """redis-py's "No master found" lists each sentinel's client repr; keep the gist:
+    the master's name and each sentinel's error (type and message)."""
+    head = text.split(" : ", 1)[0]
+    errors = re.findall(r"> - (?:\w+:)?(\w+(?:Error|Exception))(?:\('([^']*)'\))?", text)
+    if not errors:
+        return head
+    gist = "; ".join(
+        sorted({f"{kind}: {message}" if message else kind for kind, message in errors})
+    )
+    return f"{head} ({len(errors)} sentinels answered: {gist})"
 
 
 def probe_key() -> str:
     return PROBE_PREFIX + secrets.token_hex(8)
 
 
-async def _probe(redis: Redis, key: str) -> None:
+async def _probe(redis: Redis, key: str, *, min_replicas: int, wait_timeout_ms: int) -> None:
     value = secrets.token_hex(8)
     try:
-        await redis.set(key, value, px=PROBE_TTL_MS)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, value, px=PROBE_TTL_MS)
+            if min_replicas:
+                pipe.execute_command("WAIT", min_replicas, wait_timeout_ms)
+            replies = await pipe.execute()
     except ReadOnlyError as exc:
         raise CheckFailed(f"the server refused a write (a read-only replica?): {exc}") from exc
     except NoPermissionError as exc:
         raise CheckFailed(f"writing a probe key was refused: {exc}") from exc
+    if min_replicas and replies[-1] < min_replicas:
+        await redis.delete(key)
+        raise CheckFailed(
+            f"only {replies[-1]} replicas confirmed the probe write within {wait_timeout_ms} ms; "
+            f"QUIESCE_REDIS_MIN_REPLICAS is {min_replicas}, so every create would get 503"
+        )
     read = await redis.get(key)
     await redis.delete(key)
     if (read.decode() if isinstance(read, bytes) else read) != value:
@@ -179,6 +277,43 @@ async def _probe(redis: Redis, key: str) -> None:
 
 def _read_only_script(scripts: Iterable[LuaScript]) -> LuaScript:
     return next(script for script in scripts if script.name == "expired")
+
+
+async def replication_nodes(
+    redis: Redis, address: str
+) -> tuple[str, tuple[tuple[str, str], ...], int | None]:
+    """(mode, nodes, connected replicas) of the server ``redis`` is connected to, from
+    INFO (``address`` names it). A cluster node reports the cluster's nodes
+    (CLUSTER NODES) — the hook for the cluster topology."""
+    server = await _info(redis, "server")
+    if server.get("redis_mode") == "sentinel":
+        raise Misconfigured(
+            f"{address} is a sentinel, not a Redis server: use a redis+sentinel:// URL"
+        )
+    if server.get("redis_mode") == "cluster":
+        return "cluster", await _cluster_nodes(redis), None
+    replication = await _info(redis, "replication")
+    role = "master" if replication.get("role", "master") == "master" else "replica"
+    nodes = [(address, role)]
+    for name, value in replication.items():
+        if name.startswith("slave") and isinstance(value, dict) and "ip" in value:
+            nodes.append((f"{value['ip']}:{value['port']}", f"replica, {value.get('state')}"))
+    connected = replication.get("connected_slaves")
+    return "standalone", tuple(nodes), None if connected is None else int(connected)
+
+
+async def _cluster_nodes(redis: Redis) -> tuple[tuple[str, str], ...]:
+    try:
+        raw = await redis.execute_command("CLUSTER NODES")  # type: ignore[no-untyped-call]
+    except ResponseError:
+        return ()
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    nodes = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            nodes.append((fields[1].split("@")[0], fields[2].replace("myself,", "")))
+    return tuple(nodes)
 
 
 def version_tuple(text: str) -> tuple[int, ...]:

@@ -213,3 +213,121 @@ def test_the_cli_exits_2_with_one_line_naming_the_variable(
     if name == "QUIESCE_API_TOKEN" and value:
         assert value not in lines[0]
     assert result.stdout == ""
+
+
+# --- Redis topologies: Sentinel URLs, TLS files, replica confirmation --------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://h1:26379,h2:26379", "names no master"),
+        ("redis+sentinel://h1:26379,h2:26379/", "names no master"),
+        ("redis+sentinel://h1:263x9/mymaster", "bad port"),
+        ("redis+sentinel://h1:70000/mymaster", "bad port"),
+        ("redis+sentinel://h1:26379,,h2/mymaster", "is empty"),
+        ("redis+sentinel://:26379/mymaster", "has no host"),
+        ("redis+sentinel://h1/mymaster/zero", "must be a whole number"),
+        ("redis+sentinel://h1/mymaster/0/extra", "expected /<master-name>[/<db>]"),
+    ],
+)
+def test_a_bad_sentinel_url_is_one_line_naming_the_variable(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"QUIESCE_REDIS_URL": url})
+    text = str(info.value)
+    assert text.startswith("QUIESCE_REDIS_URL: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_a_sentinel_url_is_parsed_with_its_credentials_hosts_master_and_db() -> None:
+    from service.config import parse_sentinel_url
+
+    parsed = parse_sentinel_url("rediss+sentinel://app:p%40ss@h1:26380,[::1],h3/mymaster/3")
+    assert parsed.sentinels == (("h1", 26380), ("::1", 26379), ("h3", 26379))
+    assert (parsed.master_name, parsed.db, parsed.tls) == ("mymaster", 3, True)
+    assert (parsed.username, parsed.password) == ("app", "p@ss")
+
+
+def test_a_password_in_a_bad_sentinel_url_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"QUIESCE_REDIS_URL": "redis+sentinel://:hunter2-secret@h1:bad/m"})
+    assert "hunter2-secret" not in str(info.value)
+
+
+def test_topology_settings_are_read(tmp_path: Path) -> None:
+    ca, cert, key = (tmp_path / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    for path in (ca, cert, key):
+        path.write_text("x")
+    settings = Settings.from_env(
+        {
+            "QUIESCE_REDIS_URL": "rediss+sentinel://s1,s2/mymaster",
+            "QUIESCE_REDIS_CA_FILE": str(ca),
+            "QUIESCE_REDIS_CERT_FILE": str(cert),
+            "QUIESCE_REDIS_KEY_FILE": str(key),
+            "QUIESCE_REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+            "QUIESCE_REDIS_MIN_REPLICAS": "1",
+            "QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS": "0.25",
+            "QUIESCE_REDIS_MODE": "sentinel",
+        }
+    )
+    assert (settings.redis_ca_file, settings.redis_cert_file, settings.redis_key_file) == (
+        str(ca),
+        str(cert),
+        str(key),
+    )
+    assert settings.redis_sentinel_password == "sentinel-secret"
+    assert (settings.redis_min_replicas, settings.redis_wait_timeout_seconds) == (1, 0.25)
+    assert settings.redis_mode == "sentinel"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        (
+            {"QUIESCE_REDIS_URL": "redis://h:6379/0", "QUIESCE_REDIS_CA_FILE": "/x"},
+            "QUIESCE_REDIS_CA_FILE",
+        ),
+        (
+            {"QUIESCE_REDIS_URL": "rediss://h:6379/0", "QUIESCE_REDIS_CA_FILE": "/does/not/exist"},
+            "QUIESCE_REDIS_CA_FILE",
+        ),
+        (
+            {"QUIESCE_REDIS_URL": "rediss://h:6379/0", "QUIESCE_REDIS_CERT_FILE": __file__},
+            "QUIESCE_REDIS_CERT_FILE",
+        ),
+        (
+            {"QUIESCE_REDIS_URL": "rediss://h:6379/0", "QUIESCE_REDIS_KEY_FILE": __file__},
+            "QUIESCE_REDIS_CERT_FILE",
+        ),
+        (
+            {"QUIESCE_REDIS_URL": "redis://h:6379/0", "QUIESCE_REDIS_SENTINEL_PASSWORD": "pw"},
+            "QUIESCE_REDIS_SENTINEL_PASSWORD",
+        ),
+        (
+            {"QUIESCE_REDIS_URL": "redis+sentinel://s/m", "QUIESCE_REDIS_SENTINEL_PASSWORD": ""},
+            "QUIESCE_REDIS_SENTINEL_PASSWORD",
+        ),
+        (
+            {"QUIESCE_REDIS_URL": "redis://h:6379/0", "QUIESCE_REDIS_MODE": "sentinel"},
+            "QUIESCE_REDIS_MODE",
+        ),
+        (
+            {"QUIESCE_REDIS_URL": "redis+sentinel://s/m", "QUIESCE_REDIS_MODE": "cluster"},
+            "QUIESCE_REDIS_MODE",
+        ),
+        ({"QUIESCE_REDIS_MODE": "replicated"}, "QUIESCE_REDIS_MODE"),
+        ({"QUIESCE_REDIS_MIN_REPLICAS": "1"}, "QUIESCE_REDIS_MIN_REPLICAS"),
+        (
+            {"QUIESCE_REDIS_URL": "redis://h:6379/0", "QUIESCE_REDIS_MIN_REPLICAS": "-1"},
+            "QUIESCE_REDIS_MIN_REPLICAS",
+        ),
+        ({"QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS": "2"}, "QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS"),
+        ({"QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS": "0"}, "QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS"),
+    ],
+)
+def test_bad_topology_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert str(info.value).startswith(f"{variable}: ")
+    assert "\n" not in str(info.value)
