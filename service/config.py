@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 from service.webhooks import decode_secret
 
 LogFormat = Literal["json", "console"]
+#: How the Redis URL is used: ``auto`` asks the server (``INFO cluster``) at start.
+RedisMode = Literal["auto", "standalone", "cluster", "sentinel"]
+_REDIS_MODES: tuple[RedisMode, ...] = ("auto", "standalone", "cluster", "sentinel")
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -43,6 +46,7 @@ class Settings:
 
     port: int = 8000
     redis_url: str | None = None
+    redis_mode: RedisMode = "auto"
     shutdown_grace_seconds: float = 25.0
     max_active_runs: int = 100
     run_timeout_seconds: float = 3600.0
@@ -69,6 +73,7 @@ class Settings:
         return cls(
             port=env.integer("PORT", 8000, minimum=1, maximum=65535),
             redis_url=env.redis_url(),
+            redis_mode=env.redis_mode(),
             shutdown_grace_seconds=env.number("QUIESCE_SHUTDOWN_GRACE_SECONDS", 25.0, minimum=0),
             max_active_runs=env.integer("QUIESCE_MAX_ACTIVE_RUNS", 100, minimum=1),
             run_timeout_seconds=env.number(
@@ -177,6 +182,17 @@ class _Env:
                 )
             return value
         return None
+
+    def redis_mode(self) -> RedisMode:
+        value = self.raw("QUIESCE_REDIS_MODE")
+        if value is None:
+            return "auto"
+        for mode in _REDIS_MODES:
+            if value.strip().lower() == mode:
+                return mode
+        raise ConfigError(
+            f"QUIESCE_REDIS_MODE: expected one of {', '.join(_REDIS_MODES)}, got {value!r}"
+        )
 
     def worker_id(self) -> str:
         value = self.raw("QUIESCE_WORKER_ID") or socket.gethostname()

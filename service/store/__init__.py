@@ -18,5 +18,8 @@ def open_store(settings: Settings, *, on_error: Callable[[str], None] | None = N
     from service.store.redis import RedisRunStore
 
     return RedisRunStore(
-        settings.redis_url, retention_seconds=settings.run_retention_seconds, on_error=on_error
+        settings.redis_url,
+        retention_seconds=settings.run_retention_seconds,
+        on_error=on_error,
+        mode=settings.redis_mode,
     )

@@ -12,7 +12,8 @@ also runs on Redis Cluster:
 * ``quiesce:{<run_id>}:events`` — a stream capped at ``MAX_EVENTS_PER_RUN`` entries.
 
 Leases (``service.reaper``): ``quiesce:workers`` is a sorted set of worker ids scored
-by lease expiry (on the Redis server's clock), and ``quiesce:{worker:<id>}:runs``
+by lease expiry (on the Redis server's clock; on a cluster it is split into a few
+shards, see ``redis_keys``), and ``quiesce:{worker:<id>}:runs``
 the set of a worker's unfinished runs. A run is added to that set ahead of its
 create (in the same pipeline) and removed once its finalize has answered (in one
 SREM with every run finalized at that moment). These are separate commands — the
@@ -22,7 +23,12 @@ finalize is a no-op for the reaper.
 While a run is running its keys live for retention plus its timeout (so a long run
 does not expire under its owner); the terminal write resets them to the retention.
 Every state change is one Lua script (``lua/``) sent through the group-commit
-pipeline; notifications travel on Pub/Sub channels (``redis_listener``).
+pipeline; notifications travel on Pub/Sub channels (``redis_listener``; sharded
+Pub/Sub on a cluster, ``redis_cluster``).
+
+Topology: the URL names one server or any node of a Redis Cluster; ``connect()``
+(called by ``start()``) tells which (``redis_cluster.resolve_topology``) and, on a
+cluster, swaps in the cluster client and the sharded listener before first use.
 
 Resets: ``quiesce:generation`` holds a random id, written once (no TTL) into an empty
 store. Redis restarted empty, flushed or evicting loses it with the runs, so the
@@ -41,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, Final
@@ -54,6 +60,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from service.config import RedisMode
 from service.errors import (
     IdempotencyInProgress,
     IdempotencyMismatch,
@@ -79,14 +86,33 @@ from service.store.base import (
     EventWatch,
     parse_cursor,
 )
+from service.store.redis_cluster import ShardedListener, cluster_client, resolve_topology
 from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
+from service.store.redis_keys import (
+    CANCEL_CHANNEL_PREFIX,
+    EVENTS_CHANNEL_PREFIX,
+    GENERATION_KEY,
+    WORKERS_KEY,
+    KeyLayout,
+    events_key,
+    run_key,
+    worker_runs_key,
+)
 from service.store.redis_listener import NotificationListener
 from service.store.redis_server import ServerReport, inspect, probe_key, self_check
 
 log = structlog.get_logger(__name__)
 
-EVENTS_CHANNEL_PREFIX: Final = "quiesce:events:"
-CANCEL_CHANNEL_PREFIX: Final = "quiesce:cancel:"
+__all__ = [
+    "CANCEL_CHANNEL_PREFIX",
+    "EVENTS_CHANNEL_PREFIX",
+    "GENERATION_KEY",
+    "WORKERS_KEY",
+    "RedisRunStore",
+    "events_key",
+    "run_key",
+    "worker_runs_key",
+]
 
 #: Pipelines on the wire at once; the pool holds exactly that many connections.
 MAX_IN_FLIGHT: Final = 4
@@ -106,25 +132,11 @@ _SCRIPTS: Final = {
         "heartbeat", "expired", "forget", "discard", "generation",
     )
 }  # fmt: skip
-WORKERS_KEY: Final = "quiesce:workers"
-GENERATION_KEY: Final = "quiesce:generation"
 #: The most expired workers one reaper pass looks at.
 EXPIRED_BATCH: Final = 100
 #: After a refused write: how often its undo is tried.
 UNDO_ATTEMPTS: Final = 5
 UNDO_FIRST_RETRY_SECONDS: Final = 0.5
-
-
-def run_key(run_id: str) -> str:
-    return f"quiesce:{{{run_id}}}:run"
-
-
-def events_key(run_id: str) -> str:
-    return f"quiesce:{{{run_id}}}:events"
-
-
-def worker_runs_key(worker_id: str) -> str:
-    return f"quiesce:{{worker:{worker_id}}}:runs"
 
 
 class RedisRunStore:
@@ -137,7 +149,16 @@ class RedisRunStore:
         retention_seconds: int,
         max_events: int = MAX_EVENTS_PER_RUN,
         on_error: Callable[[str], None] | None = None,
+        mode: RedisMode = "auto",
+        connection_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
+        self._url = url
+        self._mode = mode
+        #: Extra client options (TLS) given to every connection of every topology.
+        self._connection_kwargs: Mapping[str, Any] = connection_kwargs or {}
+        self._layout = KeyLayout()
+        self._connected = False
+        self._cancel_registration: tuple[str, CancelListener] | None = None
         self._retention = retention_seconds
         self._max_events = max_events
         self._on_error = on_error
@@ -167,6 +188,7 @@ class RedisRunStore:
                     supported_errors=(RedisConnectionError,),
                 ),
                 health_check_interval=30,
+                **self._connection_kwargs,
             )
         )
         self._commands = CommandPipeline(
@@ -177,7 +199,7 @@ class RedisRunStore:
         )
         # Pub/Sub: its own connection, no hidden retries, so the listener sees every
         # disconnect and can resync after it.
-        self._listener = NotificationListener(
+        self._listener: NotificationListener | ShardedListener = NotificationListener(
             Redis.from_pool(
                 ConnectionPool.from_url(
                     url,
@@ -185,15 +207,64 @@ class RedisRunStore:
                     socket_timeout=SOCKET_TIMEOUT_SECONDS,
                     socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
                     retry=Retry(NoBackoff(), retries=0),
+                    **self._connection_kwargs,
                 )
             ),
-            cancel_prefix=CANCEL_CHANNEL_PREFIX,
-            events_prefix=EVENTS_CHANNEL_PREFIX,
+            cancel_channel=self._layout.cancel_channel,
+            events_channel=self._layout.events_channel,
         )
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the store runs on Redis Cluster (known once connected)."""
+        return self._layout.cluster
+
+    async def connect(self) -> None:
+        """Tell the topology and set the clients up for it (once; start() calls it).
+
+        Raises RedisModeMismatch (a ConfigError) when QUIESCE_REDIS_MODE names a
+        mode the server contradicts.
+        """
+        if self._connected:
+            return
+        self._connected = True
+        topology = await resolve_topology(
+            self._url, self._mode, connection_kwargs=self._connection_kwargs
+        )
+        log.info("redis_topology", mode=topology, configured=self._mode)
+        if topology == "cluster":
+            await self._use_cluster()
+
+    async def _use_cluster(self) -> None:
+        """Replace the (unused) single-server clients by the cluster's."""
+        await self._commands.close()
+        await self._redis.aclose()
+        self._layout = KeyLayout(cluster=True)
+        cluster = cluster_client(
+            self._url,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            connection_kwargs=self._connection_kwargs,
+        )
+        self._redis = cluster  # type: ignore[assignment]
+        self._commands = CommandPipeline(
+            cluster,
+            scripts=_SCRIPTS.values(),
+            timeout=CALL_TIMEOUT_SECONDS,
+            max_in_flight=MAX_IN_FLIGHT,
+        )
+        standalone_listener = self._listener
+        self._listener = ShardedListener(
+            cluster, self._layout, socket_timeout=SOCKET_TIMEOUT_SECONDS
+        )
+        if self._cancel_registration is not None:
+            self._listener.listen_for_cancels(*self._cancel_registration)
+        await standalone_listener.close()
 
     # --- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.connect()
         await self._listener.start()
         # Not awaited: a Redis that is away at start must not delay it (the first
         # lease renewal reads the generation then).
@@ -217,9 +288,9 @@ class RedisRunStore:
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
         # Every (re)connect of the Pub/Sub connection resyncs the listener: the
         # moment a restarted Redis is back, so the generation is read then too.
-        self._listener.listen_for_cancels(
-            worker_id, _AlsoOnResync(listener, lambda: self._spawn(self._check_generation()))
-        )
+        wrapped = _AlsoOnResync(listener, lambda: self._spawn(self._check_generation()))
+        self._cancel_registration = (worker_id, wrapped)
+        self._listener.listen_for_cancels(worker_id, wrapped)
 
     def on_reset(
         self, running: Callable[[], Collection[RunRecord]], reset: Callable[[], None]
@@ -270,7 +341,8 @@ class RedisRunStore:
             json_encoder.encode(started),
             ttl,
             self._max_events,
-            EVENTS_CHANNEL_PREFIX + run_id,
+            self._layout.events_channel(run_id),
+            self._layout.publish,
         ]
         return _script("create", [run_key(run_id), events_key(run_id)], args)
 
@@ -311,8 +383,9 @@ class RedisRunStore:
         args = [
             json_encoder.encode(event),
             self._max_events,
-            EVENTS_CHANNEL_PREFIX + run_id,
+            self._layout.events_channel(run_id),
             seq or 0,
+            self._layout.publish,
         ]
         command = _script("append", [run_key(run_id), events_key(run_id)], args)
         (reply,) = await self._call("append", [command])
@@ -330,7 +403,8 @@ class RedisRunStore:
             json_encoder.encode(terminal_event_for(record)),
             self._retention,
             self._max_events,
-            EVENTS_CHANNEL_PREFIX + run_id,
+            self._layout.events_channel(run_id),
+            self._layout.publish,
         ]
         command = _script("finalize", [run_key(run_id), events_key(run_id)], args)
         (won,) = await self._call("finalize", [command])
@@ -343,10 +417,15 @@ class RedisRunStore:
         return bool(won == 1)
 
     async def request_cancel(self, run_id: str) -> CancelOutcome:
+        # On a cluster the owner's channel is in the owner's slot, which the script
+        # may not touch: it answers the owner and the notice is sent separately.
+        prefix = "" if self._layout.cluster else CANCEL_CHANNEL_PREFIX
         (reply,) = await self._call(
-            "cancel", [_script("cancel", [run_key(run_id)], [run_id, CANCEL_CHANNEL_PREFIX])]
+            "cancel", [_script("cancel", [run_key(run_id)], [run_id, prefix])]
         )
-        outcome = reply.decode()
+        outcome, _, owner = reply.decode().partition(":")
+        if owner:
+            await self._call("cancel", [("SPUBLISH", self._layout.cancel_channel(owner), run_id)])
         if outcome == "missing":
             raise RunNotFound(f"run {run_id} not found")
         return CancelOutcome(outcome)
@@ -357,18 +436,26 @@ class RedisRunStore:
         _, generation = await self._call(
             "heartbeat",
             [
-                _script("heartbeat", [WORKERS_KEY], [worker_id, int(ttl_seconds * 1000)]),
+                _script(
+                    "heartbeat",
+                    [self._layout.lease_key(worker_id)],
+                    [worker_id, int(ttl_seconds * 1000)],
+                ),
                 self._generation_command(),
             ],
         )
         await self._settle_generation(generation.decode())
 
     async def retire(self, worker_id: str) -> None:
-        await self._call("retire", [("ZREM", WORKERS_KEY, worker_id)])
+        await self._call("retire", [("ZREM", self._layout.lease_key(worker_id), worker_id)])
 
     async def expired_workers(self) -> list[str]:
-        (reply,) = await self._call("expired", [_script("expired", [WORKERS_KEY], [EXPIRED_BATCH])])
-        return [worker_id.decode() for worker_id in reply]
+        # Every shard of the lease index in one pipelined pass (one on one server).
+        replies = await self._call(
+            "expired",
+            [_script("expired", [key], [EXPIRED_BATCH]) for key in self._layout.lease_keys()],
+        )
+        return [worker_id.decode() for reply in replies for worker_id in reply][:EXPIRED_BATCH]
 
     async def runs_of(self, worker_id: str) -> list[str]:
         if self._unlisting is not None:
@@ -380,7 +467,7 @@ class RedisRunStore:
         commands: list[Command] = []
         if run_ids:
             commands.append(("SREM", worker_runs_key(worker_id), *run_ids))
-        commands.append(_script("forget", [WORKERS_KEY], [worker_id]))
+        commands.append(_script("forget", [self._layout.lease_key(worker_id)], [worker_id]))
         await self._call("forget", commands)
 
     # --- the server and its generation -------------------------------------------

@@ -8,6 +8,10 @@ Here callers only queue a job (one or more commands) and await its replies; at m
 ``max_in_flight`` pipelines are on the wire at once, each carrying everything queued
 while the previous ones were out. Connections in use are therefore bounded by
 construction, and a burst is answered in a few round trips instead of one per request.
+On Redis Cluster the pipeline is the cluster client's: it groups the commands by the
+node that owns each key's slot, sends every node's share at once, and follows
+``MOVED``/``ASK`` for the commands redirected; scripts missing on a node (a promoted
+replica) are loaded on every primary and the commands sent again.
 
 Every job also has a deadline: past it the caller gets StoreUnavailable (a 503, never
 a hang) while the commands may still reach Redis. A job that fails — timed out, a
@@ -26,15 +30,19 @@ from importlib import resources
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    MovedError,
     NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
     TryAgainError,
 )
@@ -44,7 +52,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.errors import StoreUnavailable
 
 #: Errors that mean "Redis is not reachable now" rather than "this command is wrong".
-UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
 #: Replies by which Redis refuses a command because of its own state or of how the
 #: operator set it up (an ACL without the command, a read-only replica during a
 #: failover, maxmemory reached, a dataset still loading), not because the command is
@@ -59,9 +67,16 @@ REFUSAL_ERRORS = (
     TryAgainError,
     ClusterDownError,
     MasterDownError,
+    # A redirection the cluster client could not settle (a slot still moving after
+    # its retries), or one on a single-server client pointed at a cluster node.
+    MovedError,
+    AskError,
 )
 #: The same refusals as they come back from inside a Lua script, as plain errors.
-_REFUSAL_TEXTS: Final = ("can't run this command", "NOPERM", "READONLY", "OOM", "BUSY", "MISCONF")
+_REFUSAL_TEXTS: Final = (
+    "can't run this command", "NOPERM", "READONLY", "OOM", "BUSY", "MISCONF",
+    "CLUSTERDOWN", "TRYAGAIN", "MOVED ", "ASK ", "MASTERDOWN",
+)  # fmt: skip
 #: How long close() waits for undos still running.
 UNDO_WAIT_SECONDS: Final = 3.0
 #: How often overdue jobs are looked for: a deadline may be passed by this much.
@@ -103,7 +118,7 @@ class CommandPipeline:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         *,
         scripts: Iterable[LuaScript],
         timeout: float,
@@ -228,6 +243,12 @@ class CommandPipeline:
             return list(await pipe.execute(raise_on_error=False))
 
     async def _load_scripts(self) -> None:
+        if isinstance(self._redis, RedisCluster):
+            # SCRIPT LOAD goes to every primary (a replica promoted by a failover
+            # starts with an empty script cache).
+            for script in self._scripts.values():
+                await self._redis.script_load(script.source)
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for script in self._scripts.values():
                 pipe.script_load(script.source)

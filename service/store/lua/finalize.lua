@@ -1,7 +1,8 @@
 -- The terminal compare-and-set: the first terminal write wins.
 -- KEYS[1] run hash, KEYS[2] event stream
 -- ARGV[1] terminal record json, ARGV[2] terminal status, ARGV[3] terminal event json,
--- ARGV[4] retention ttl (s), ARGV[5] max events, ARGV[6] events channel
+-- ARGV[4] retention ttl (s), ARGV[5] max events, ARGV[6] events channel,
+-- ARGV[7] the notifying command (PUBLISH, or SPUBLISH on a cluster)
 -- Returns 1 when this finalization won (also when the same write is repeated after a
 -- lost reply), 0 when another terminal state was already there, -1 when the run is
 -- gone (the store may have been reset: the caller restores its runs and tries again).
@@ -19,5 +20,5 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARG
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[6], id)
+redis.call(ARGV[7], ARGV[6], id)
 return 1
