@@ -109,10 +109,21 @@ def raise_fd_limit(needed: int) -> str | None:
     return None
 
 
+def check_redis_mode(settings: Settings) -> None:
+    """A forced QUIESCE_REDIS_MODE the server contradicts is a configuration error,
+    reported here in one line rather than as a trace from the worker's start-up."""
+    if settings.redis_url is None or settings.redis_mode not in ("standalone", "cluster"):
+        return
+    from service.store.redis_cluster import resolve_topology
+
+    asyncio.run(resolve_topology(settings.redis_url, settings.redis_mode, connection_kwargs={}))
+
+
 def serve(args: argparse.Namespace) -> int:
     from service.granian_bridge import MAIN_PID_ENV
 
     settings = Settings.from_env(os.environ)
+    check_redis_mode(settings)
     argv = granian_argv(settings, args.host)
     warning = raise_fd_limit(granian_backpressure(settings) + FD_RESERVE)
     if warning is not None:

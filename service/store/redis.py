@@ -392,6 +392,7 @@ class RedisRunStore:
         if reply == -1:
             # The run is gone: if the store was reset, it is written back; then again.
             await self._check_generation()
+            await self._reassert(run_id)
             (reply,) = await self._call("append", [command])
         return None if reply is None or reply == -1 else reply.decode()
 
@@ -411,6 +412,7 @@ class RedisRunStore:
         if won == -1:
             # The run is gone: if the store was reset, it is written back; then again.
             await self._check_generation()
+            await self._reassert(run_id)
             (won,) = await self._call("finalize", [command])
         # Unlisted only once terminal (a crash in between leaves the reaper a no-op).
         self._unlist_soon(record.worker_id, run_id)
@@ -433,18 +435,42 @@ class RedisRunStore:
     # --- worker leases --------------------------------------------------------------
 
     async def heartbeat(self, worker_id: str, ttl_seconds: float) -> None:
-        _, generation = await self._call(
-            "heartbeat",
-            [
-                _script(
-                    "heartbeat",
-                    [self._layout.lease_key(worker_id)],
-                    [worker_id, int(ttl_seconds * 1000)],
-                ),
-                self._generation_command(),
-            ],
-        )
-        await self._settle_generation(generation.decode())
+        """Renew the lease, read the generation, and re-assert the runs executed here.
+
+        A failover can drop the last writes a master acknowledged (replication is
+        asynchronous), and on a cluster that can be one node's share alone, with the
+        generation marker intact elsewhere. So each renewal also re-lists this
+        process's running runs under their worker (one SADD per worker) and asks
+        whether each record is still there (one HEXISTS each, in the same
+        pipelined round trip); a run that is gone is written back as its create
+        did — a run a worker executes never disappears for longer than one renewal.
+        """
+        running = [record for record in self._running() if not record.is_terminal]
+        by_worker: dict[str, list[str]] = {}
+        for record in running:
+            by_worker.setdefault(record.worker_id, []).append(record.run_id)
+        commands: list[Command] = [
+            _script(
+                "heartbeat",
+                [self._layout.lease_key(worker_id)],
+                [worker_id, int(ttl_seconds * 1000)],
+            ),
+            self._generation_command(),
+            *(("SADD", worker_runs_key(owner), *ids) for owner, ids in by_worker.items()),
+            *(("HEXISTS", run_key(record.run_id), "record") for record in running),
+        ]
+        replies = await self._call("heartbeat", commands)
+        await self._settle_generation(replies[1].decode())
+        present = replies[2 + len(by_worker) :]
+        missing = [record for record, there in zip(running, present, strict=True) if not there]
+        if missing and not self._restore_pending:
+            log.warning(
+                "store_runs_missing",
+                runs=len(missing),
+                detail="runs executing here were missing from the store (a failover lost "
+                "writes?); written back",
+            )
+            await self._restore(missing)
 
     async def retire(self, worker_id: str) -> None:
         await self._call("retire", [("ZREM", self._layout.lease_key(worker_id), worker_id)])
@@ -518,6 +544,13 @@ class RedisRunStore:
                     log.warning("store_restore_failed", error=str(exc))  # the next check retries
                 else:
                     self._restore_pending = False
+
+    async def _reassert(self, run_id: str) -> None:
+        """Write back one run this process still executes, should it have been lost."""
+        records = [r for r in self._running() if r.run_id == run_id and not r.is_terminal]
+        if records:
+            with contextlib.suppress(StoreUnavailable):
+                await self._restore(records)
 
     async def _restore(self, records: list[RunRecord]) -> None:
         """Write running runs back as their create did (a run still there is kept).

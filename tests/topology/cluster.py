@@ -127,7 +127,7 @@ class RedisClusterNodes:
 
     def master_of(self, key: str) -> int:
         """The port of the master that owns ``key``'s slot now."""
-        with redis.RedisCluster(port=self.alive()[0]) as client:
+        with redis.RedisCluster(host="127.0.0.1", port=self.alive()[0]) as client:
             node = client.get_node_from_key(key)
             return int(node.port)
 
