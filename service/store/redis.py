@@ -489,6 +489,10 @@ class RedisRunStore:
         (members,) = await self._call("runs_of", [("SMEMBERS", worker_runs_key(worker_id))])
         return sorted(member.decode() for member in members)
 
+    async def orphans(self, worker_id: str) -> list[str]:
+        executing = {record.run_id for record in self._running()}
+        return [run_id for run_id in await self.runs_of(worker_id) if run_id not in executing]
+
     async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
         commands: list[Command] = []
         if run_ids:

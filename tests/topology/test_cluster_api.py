@@ -95,3 +95,25 @@ async def test_a_lost_workers_run_is_reaped_by_a_live_replica(
         assert record["error"]["reason"] == "worker_lost"
         events = (await a.get(f"/v1/runs/{orphan.run_id}/events")).json()["events"]
         assert [e["type"] for e in events] == ["run_started", "run_failed"]
+
+
+async def test_a_run_left_running_under_a_live_worker_is_ended_by_that_worker(
+    replicas: tuple[Client, Client], redis_cluster: RedisClusterNodes
+) -> None:
+    """What a failover that lost a terminal write leaves: a run that reads running,
+    listed under worker A, which is alive (its lease never expires) but no longer
+    executes it. A ends it within two reaper passes."""
+    a, _ = replicas
+    writer = RedisRunStore(redis_cluster.url, retention_seconds=3600)
+    await writer.start()
+    try:
+        stale = await created(writer, worker_id="worker-a")
+    finally:
+        await writer.close()
+    record = await wait_for_run(a, stale.run_id, within=15.0)
+    assert record["status"] == "failed"
+    assert record["error"] == {
+        "reason": "worker_lost",
+        "message": "worker worker-a no longer executes the run",
+    }
+    assert (await a.get("/admin/state")).json()["active_count"] == 0
