@@ -100,7 +100,8 @@ class RedisClusterNodes:
         return [port for port, p in self.processes.items() if p.poll() is None]
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every live node reports ``cluster_state:ok`` and sees three masters."""
+        """Until every live node reports ``cluster_state:ok`` and sees three masters,
+        and every replica is in sync with its master."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(self._ok(port) for port in self.alive()):
@@ -115,7 +116,15 @@ class RedisClusterNodes:
         except redis.RedisError:
             return False
         text = info.decode() if isinstance(info, bytes) else str(info)
-        return "cluster_state:ok" in text and "cluster_size:3" in text
+        if "cluster_state:ok" not in text or "cluster_size:3" not in text:
+            return False
+        # A replica that has not synced yet would refuse to take over (its data
+        # counts as too old), so a failover test could wait forever.
+        with redis.Redis(port=port, socket_connect_timeout=0.5) as client:
+            replication = client.info("replication")
+        return bool(
+            replication.get("role") == "master" or replication.get("master_link_status") == "up"
+        )
 
     def masters(self) -> list[int]:
         masters = []
