@@ -53,12 +53,18 @@ START_WAIT_SECONDS: Final = 3.0
 REFRESH_MIN_INTERVAL_SECONDS: Final = 0.2
 
 
+#: Sharded Pub/Sub (SSUBSCRIBE, SPUBLISH) came with Redis 7.0.
+CLUSTER_MIN_VERSION: Final = (7, 0)
+
+
 class RedisModeMismatch(ConfigError):
-    """QUIESCE_REDIS_MODE names a mode the server at the URL is not in."""
+    """QUIESCE_REDIS_MODE names a mode the server at the URL is not in, or the server
+    is too old for the mode."""
 
 
 async def detect_topology(url: str, *, connection_kwargs: Mapping[str, Any]) -> Topology:
-    """Ask the URL's node whether it is a cluster node (raises RedisError, OSError)."""
+    """Ask the URL's node whether it is a cluster node (raises RedisError, OSError);
+    a cluster node older than Redis 7.0 raises RedisModeMismatch."""
     client = Redis.from_url(
         url,
         socket_connect_timeout=DETECT_TIMEOUT_SECONDS / 2,
@@ -68,9 +74,26 @@ async def detect_topology(url: str, *, connection_kwargs: Mapping[str, Any]) -> 
     )
     try:
         info = await client.info("cluster")
+        if str(info.get("cluster_enabled", 0)) != "1":
+            return "standalone"
+        version = str((await client.info("server")).get("redis_version", ""))
     finally:
         await client.aclose()
-    return "cluster" if str(info.get("cluster_enabled", 0)) == "1" else "standalone"
+    if _version(version) < CLUSTER_MIN_VERSION:
+        raise RedisModeMismatch(
+            f"QUIESCE_REDIS_URL: a Redis Cluster needs Redis 7.0 or newer (sharded Pub/Sub), "
+            f"the node at the URL runs {version or 'an unknown version'}"
+        )
+    return "cluster"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:2]:
+        if not part.isdigit():
+            return (0,)
+        parts.append(int(part))
+    return tuple(parts)
 
 
 async def resolve_topology(

@@ -19,7 +19,7 @@ import redis
 
 from service.config import ConfigError, Settings
 from service.store.redis import RedisRunStore
-from service.store.redis_cluster import RedisModeMismatch
+from service.store.redis_cluster import CLUSTER_MIN_VERSION, RedisModeMismatch, _version
 from service.store.redis_keys import LEASE_SHARDS, KeyLayout, events_key, run_key
 from tests.conftest import REPO, RedisServer
 from tests.integration.test_store_contract import created, progress
@@ -175,3 +175,9 @@ async def test_a_lease_renewal_writes_back_a_running_run_the_store_lost(
     await cluster_store.heartbeat("worker-a", 15)
     assert await cluster_store.get(record.run_id) == record
     assert await cluster_store.runs_of("worker-a") == [record.run_id]
+
+
+def test_cluster_mode_needs_redis_7_for_sharded_pubsub() -> None:
+    assert _version("6.2.14") < CLUSTER_MIN_VERSION <= _version("7.0.15")
+    assert _version("7.2.4") >= CLUSTER_MIN_VERSION
+    assert _version("") < CLUSTER_MIN_VERSION  # unknown: refused, not guessed
