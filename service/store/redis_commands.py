@@ -256,7 +256,13 @@ class CommandPipeline:
 
 
 def _as_unavailable(result: Any) -> Any:
-    """A refusal (see REFUSAL_ERRORS) as StoreUnavailable; any other result as is."""
+    """A refusal (see REFUSAL_ERRORS) as StoreUnavailable; any other result as is.
+
+    The cluster pipeline also hands back a lost connection as one command's result
+    (a node that died between sending and answering) rather than raising it.
+    """
+    if isinstance(result, UNAVAILABLE_ERRORS):
+        return StoreUnavailable(f"store unavailable: {result}")
     if isinstance(result, REFUSAL_ERRORS) or (
         isinstance(result, ResponseError)
         and not isinstance(result, NoScriptError)

@@ -181,3 +181,15 @@ def test_cluster_mode_needs_redis_7_for_sharded_pubsub() -> None:
     assert _version("6.2.14") < CLUSTER_MIN_VERSION <= _version("7.0.15")
     assert _version("7.2.4") >= CLUSTER_MIN_VERSION
     assert _version("") < CLUSTER_MIN_VERSION  # unknown: refused, not guessed
+
+
+def test_a_connection_lost_inside_a_cluster_pipeline_is_an_outage_not_an_error() -> None:
+    """The cluster pipeline returns a node's lost connection as a command's result."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from service.errors import StoreUnavailable
+    from service.store.redis_commands import _as_unavailable
+
+    assert isinstance(_as_unavailable(RedisConnectionError("reset")), StoreUnavailable)
+    assert isinstance(_as_unavailable(TimeoutError()), StoreUnavailable)
+    assert _as_unavailable(b"reply") == b"reply"
