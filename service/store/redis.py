@@ -172,6 +172,10 @@ class RedisRunStore:
         self._running: Callable[[], Collection[RunRecord]] = tuple
         self._on_reset: Callable[[], None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        #: When a call last failed as unavailable (loop time), and the lease length
+        #: this process renews with: reaping waits one lease after an outage.
+        self._last_outage: float | None = None
+        self._lease_ttl = 0.0
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
         self._redis = Redis.from_pool(
@@ -445,6 +449,7 @@ class RedisRunStore:
         pipelined round trip); a run that is gone is written back as its create
         did — a run a worker executes never disappears for longer than one renewal.
         """
+        self._lease_ttl = ttl_seconds
         running = [record for record in self._running() if not record.is_terminal]
         by_worker: dict[str, list[str]] = {}
         for record in running:
@@ -476,6 +481,18 @@ class RedisRunStore:
         await self._call("retire", [("ZREM", self._layout.lease_key(worker_id), worker_id)])
 
     async def expired_workers(self) -> list[str]:
+        """Workers whose lease expired — none within one lease period of an outage.
+
+        While Redis (or, on a cluster, the master holding a lease shard) is away, no
+        worker can renew; once it is back every live worker renews within a third
+        of its lease. Reaping before that would end runs that are still executing,
+        so a store that has just failed a call defers reaping for one lease period.
+        """
+        if self._last_outage is not None:
+            since = asyncio.get_running_loop().time() - self._last_outage
+            if since < self._lease_ttl:
+                log.info("reaping_deferred", seconds_since_outage=round(since, 2))
+                return []
         # Every shard of the lease index in one pipelined pass (one on one server).
         replies = await self._call(
             "expired",
@@ -607,6 +624,7 @@ class RedisRunStore:
         try:
             return await self._commands.run(commands, undo=undo)
         except StoreUnavailable:
+            self._last_outage = asyncio.get_running_loop().time()
             if self._on_error is not None:
                 self._on_error(operation)
             raise

@@ -36,6 +36,7 @@ from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MasterDownError,
     MovedError,
     NoPermissionError,
@@ -71,12 +72,17 @@ REFUSAL_ERRORS = (
     # its retries), or one on a single-server client pointed at a cluster node.
     MovedError,
     AskError,
+    # Redirections that did not settle within the cluster client's limit.
+    ClusterError,
 )
 #: The same refusals as they come back from inside a Lua script, as plain errors.
 _REFUSAL_TEXTS: Final = (
     "can't run this command", "NOPERM", "READONLY", "OOM", "BUSY", "MISCONF",
     "CLUSTERDOWN", "TRYAGAIN", "MOVED ", "ASK ", "MASTERDOWN",
 )  # fmt: skip
+#: How often a command that met a moving slot (TRYAGAIN) is sent again, and how far apart.
+MOVING_RETRIES: Final = 8
+MOVING_RETRY_SECONDS: Final = 0.05
 #: How long close() waits for undos still running.
 UNDO_WAIT_SECONDS: Final = 3.0
 #: How often overdue jobs are looked for: a deadline may be passed by this much.
@@ -208,6 +214,7 @@ class CommandPipeline:
                 retried = await self._run([batch[i][0] for i in missing])
                 for i, result in zip(missing, retried, strict=True):
                     results[i] = result
+            await self._retry_moving(batch, results)
         except UNAVAILABLE_ERRORS as exc:
             results = [StoreUnavailable(f"store unavailable: {exc}")] * len(batch)
         except BaseException as exc:
@@ -218,6 +225,32 @@ class CommandPipeline:
             raise
         for (_, job, index), result in zip(batch, results, strict=True):
             self._settle(job, index, _as_unavailable(result))
+
+    async def _retry_moving(
+        self, batch: list[tuple[Command, _Job, int]], results: list[Any]
+    ) -> None:
+        """Send again what met a slot being moved, while its callers still wait.
+
+        During a resharding a script whose keys are split between two nodes gets
+        TRYAGAIN, and the cluster client gives up after a few quick redirections
+        (``ClusterError``). Neither ran the command, so it is sent again (a few
+        times, briefly apart) instead of being reported; only a caller whose
+        deadline passes sees a 503.
+        """
+        for _ in range(MOVING_RETRIES):
+            moving = [
+                i
+                for i, result in enumerate(results)
+                if isinstance(result, (TryAgainError, ClusterError))
+                and not batch[i][1].expired
+                and not batch[i][1].future.done()
+            ]
+            if not moving:
+                return
+            await asyncio.sleep(MOVING_RETRY_SECONDS)
+            retried = await self._run([batch[i][0] for i in moving])
+            for i, result in zip(moving, retried, strict=True):
+                results[i] = result
 
     def _settle(self, job: _Job, index: int, result: Any) -> None:
         job.results[index] = result

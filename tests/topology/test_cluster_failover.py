@@ -6,7 +6,9 @@ resume with ``Last-Event-ID``; a master is killed while all of that runs. Then:
 no 5xx but 503 (each with ``Retry-After``), no request longer than the store's call
 timeout allows, every run answered 202 ends with exactly one terminal event (none
 stays ``running``), every stream delivers each event once and ends with the
-terminal event. Without ``QUIESCE_REDIS_MIN_REPLICAS`` a failover may drop the
+terminal event, and no run still executing is reaped as ``worker_lost`` (the
+leases that lapsed during the outage are renewed before any reaper acts). Without
+``QUIESCE_REDIS_MIN_REPLICAS`` a failover may drop the
 last writes a master acknowledged: runs that vanished entirely are counted and
 printed, not asserted away. The longest 503 window and the recovery time are
 printed too (figures, not assertions).
@@ -186,13 +188,19 @@ async def test_a_master_killed_under_load(
         or (status == 200 and types[-1] not in TERMINAL)
     ]
 
+    # A sleep run fails only when it is reaped: a run still executing must not be.
+    reaped = [
+        run for run, (status, types) in zip(seen.accepted, finals, strict=True)
+        if status == 200 and types and types[-1] == "run_failed"
+    ]  # fmt: skip
+
     windows = [w for log in logs for w in _windows(log)]
     longest = max((end - start for start, end in windows), default=0.0)
     last_503 = max((end for _, end in windows), default=killed_at)
     print(
         f"\nfailover: killed master :{victim} at {killed_at:.2f}s; "
         f"creates {sum(len(log) for log in logs)} ({seen.statuses}); "
-        f"202-ed runs {len(seen.accepted)}, lost {len(lost)}; "
+        f"202-ed runs {len(seen.accepted)}, lost {len(lost)}, reaped {len(reaped)}; "
         f"longest 503 window {longest:.2f}s; recovered {max(last_503 - killed_at, 0):.2f}s "
         f"after the kill; slowest request {seen.slowest:.2f}s"
     )
@@ -201,6 +209,7 @@ async def test_a_master_killed_under_load(
     assert seen.missing_retry_after == 0
     assert seen.slowest < REQUEST_BOUND_SECONDS
     assert unresolved == []
+    assert reaped == []
     for run_id, events in zip(streamed, received, strict=False):
         if run_id in lost:
             continue
