@@ -521,10 +521,12 @@ class RedisRunStore:
 
     async def server_report(self) -> ServerReport:
         """Version, eviction policy and persistence, as far as the server tells."""
+        await self.connect()
         return await inspect(self._redis)
 
     async def self_check(self) -> ServerReport:
         """The deep check behind ``quiesce check`` (see redis_server); raises CheckFailed."""
+        await self.connect()
         return await self_check(self._redis, _SCRIPTS.values(), probe_key())
 
     def _generation_command(self) -> Command:

@@ -193,3 +193,13 @@ def test_a_connection_lost_inside_a_cluster_pipeline_is_an_outage_not_an_error()
     assert isinstance(_as_unavailable(RedisConnectionError("reset")), StoreUnavailable)
     assert isinstance(_as_unavailable(TimeoutError()), StoreUnavailable)
     assert _as_unavailable(b"reply") == b"reply"
+
+
+def test_quiesce_check_passes_on_a_cluster(redis_cluster: RedisClusterNodes) -> None:
+    env = {**os.environ, "QUIESCE_REDIS_URL": redis_cluster.url, "QUIESCE_API_TOKEN": "t" * 32}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "check"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "probe key written, read and deleted; scripts loaded" in result.stdout
