@@ -30,6 +30,7 @@ from typing import Any, Final
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from service.store.base import CancelListener, EventWatch, Watch
@@ -194,6 +195,10 @@ class NotificationListener:
                 channel = channel.decode()
             if kind in ("message", "smessage"):
                 self._dispatch(channel, message["data"])
+            elif kind == "sunsubscribe" and channel == self._cancel_channel:
+                # The cancel (or ready) channel's slot moved: connect again, where
+                # the refreshed slot map says.
+                raise RedisConnectionError(f"the server dropped {channel} (its slot moved)")
             elif kind == "sunsubscribe" and channel in self._confirmations:
                 # Not asked for (a watched channel is dropped from the confirmations
                 # before its SUNSUBSCRIBE): the slot moved to another node.

@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from service.store.redis import RedisRunStore
-from service.store.redis_keys import run_key
-from tests.integration.test_store_contract import created, event_types, progress
+from service.store.redis_keys import KeyLayout, run_key
+from tests.integration.test_store_contract import Listener, created, event_types, progress
 from tests.topology.cluster import RedisClusterNodes
 
 pytestmark = pytest.mark.topology
@@ -90,3 +90,34 @@ async def test_writes_and_watches_follow_a_slot_that_moves(
         await asyncio.sleep(0.2)
         await cluster_store.append(record.run_id, progress(step + 1))
         await asyncio.wait_for(woken, 3.0)
+
+
+async def test_cancels_reach_a_worker_whose_channel_slot_moved(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    owner = RedisRunStore(redis_cluster.url, retention_seconds=3600)
+    other = RedisRunStore(redis_cluster.url, retention_seconds=3600)
+    listener = Listener()
+    owner.listen_for_cancels("worker-moved", listener)
+    await owner.start()
+    await other.start()
+    try:
+        channel = KeyLayout(cluster=True).cancel_channel("worker-moved")
+        with redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0]) as client:
+            slot = client.keyslot(channel)
+        source = redis_cluster.master_of(channel)
+        target = next(port for port in redis_cluster.masters() if port != source)
+        others = [port for port in redis_cluster.masters() if port not in (source, target)]
+        await asyncio.to_thread(move_slot, slot, source, target, others)
+        record = await created(other, worker_id="worker-moved")
+        # The owner's listener follows the channel to its new node; until it has,
+        # a cancel sent meanwhile is re-checked on its reconnect (the resync).
+        deadline = time.monotonic() + 10
+        while not listener.cancelled and time.monotonic() < deadline:
+            await other.request_cancel(record.run_id)
+            await asyncio.sleep(0.5)
+        assert listener.cancelled[:1] == [record.run_id]
+        assert redis_cluster.master_of(channel) == target
+    finally:
+        await owner.close()
+        await other.close()
