@@ -118,9 +118,10 @@ def raise_fd_limit(needed: int) -> str | None:
 def store_preflight(settings: Settings, timeout: float = PREFLIGHT_TIMEOUT_SECONDS) -> str | None:
     """Before serving: the one-line reason start-up must stop (None: go on).
 
-    A wrong mode, refused credentials, a TLS certificate that does not verify or a
-    server too old stop it (no restart fixes them); an unreachable Redis does not —
-    it may be starting too — and is only a warning.
+    A wrong mode (QUIESCE_REDIS_MODE against what the server is, or a sentinel URL
+    naming plain servers), refused credentials, a TLS certificate that does not
+    verify or a server too old stop it (no restart fixes them); an unreachable Redis
+    does not — it may be starting too — and is only a warning.
     """
     if settings.redis_url is None:
         return None
@@ -141,6 +142,8 @@ def store_preflight(settings: Settings, timeout: float = PREFLIGHT_TIMEOUT_SECON
         asyncio.run(run())
     except Misconfigured as exc:
         return str(exc)
+    except ConfigError:
+        raise  # a forced mode the server contradicts names its own variable
     except Exception as exc:  # unreachable, or anything else: serve, and say so
         reason = " ".join(str(exc).split()) or "no answer"
         print(f"warning: the store could not be checked at start: {reason}", file=sys.stderr)

@@ -20,7 +20,9 @@ from urllib.parse import unquote, urlsplit
 from service.webhooks import decode_secret
 
 LogFormat = Literal["json", "console"]
+#: How the Redis URL is used: ``auto`` asks the server (``INFO cluster``) at start.
 RedisMode = Literal["auto", "standalone", "cluster", "sentinel"]
+_REDIS_MODES: tuple[RedisMode, ...] = ("auto", "standalone", "cluster", "sentinel")
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -35,7 +37,6 @@ _NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: Where Kubernetes mounts the pod's service-account token, cluster CA and namespace.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 _SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
-_REDIS_MODES: tuple[RedisMode, ...] = ("auto", "standalone", "cluster", "sentinel")
 #: Sentinel's own port, assumed for a sentinel address written without one.
 SENTINEL_DEFAULT_PORT = 26379
 #: The most WAIT may block: below the store's 2 s socket and call timeouts, so a
@@ -74,6 +75,7 @@ class Settings:
 
     port: int = 8000
     redis_url: str | None = None
+    redis_mode: RedisMode = "auto"
     shutdown_grace_seconds: float = 25.0
     max_active_runs: int = 100
     run_timeout_seconds: float = 3600.0
@@ -97,7 +99,6 @@ class Settings:
     #: A drain stops runs that will be retried on ``shutdown`` at its start (another
     #: replica adopts them) instead of at the end of the grace.
     handoff_on_drain: bool = False
-    redis_mode: RedisMode = "auto"
     #: TLS: the CA that signs the server's certificate, and the client's own
     #: certificate and key for mutual TLS (both or neither).
     redis_ca_file: str | None = None
@@ -125,6 +126,7 @@ class Settings:
         return cls(
             port=env.integer("PORT", 8000, minimum=1, maximum=65535),
             redis_url=env.redis_url(),
+            redis_mode=env.redis_mode(),
             shutdown_grace_seconds=env.number("QUIESCE_SHUTDOWN_GRACE_SECONDS", 25.0, minimum=0),
             max_active_runs=env.integer("QUIESCE_MAX_ACTIVE_RUNS", 100, minimum=1),
             run_timeout_seconds=env.number(
@@ -146,7 +148,6 @@ class Settings:
             max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
             pod_deletion_cost=env.pod_deletion_cost(service_account_dir),
             handoff_on_drain=env.flag("QUIESCE_HANDOFF_ON_DRAIN"),
-            redis_mode=env.redis_mode(),
             **env.redis_topology(),
         )
 
@@ -249,7 +250,7 @@ class _Env:
         if value is None:
             return "auto"
         for mode in _REDIS_MODES:
-            if value == mode:
+            if value.strip().lower() == mode:
                 return mode
         raise ConfigError(
             f"QUIESCE_REDIS_MODE: expected one of {', '.join(_REDIS_MODES)}, got {value!r}"

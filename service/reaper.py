@@ -62,6 +62,9 @@ class Reaper:
         self._ttl = lease_ttl_seconds
         self._now = now
         self._recovered = False
+        #: Own orphans seen at the last check: reaped when seen twice in a row, so a
+        #: create whose caller got a 503 is discarded by its undo first.
+        self._suspects: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -104,11 +107,23 @@ class Reaper:
             await self._store.heartbeat(self._worker_id, self._ttl)
             if reap:
                 await self.reap_expired()
+                await self._reap_own_orphans()
         except StoreUnavailable as exc:
             log.warning("lease_renewal_failed", error=str(exc))
 
-    async def _reap(self, worker_id: str, message: str) -> int:
-        run_ids = await self._store.runs_of(worker_id)
+    async def _reap_own_orphans(self) -> None:
+        """Runs listed under this worker that it no longer executes and that still
+        read ``running``: after a failover that lost their terminal write, nobody
+        else would end them (this worker's lease never expires)."""
+        suspects = set(await self._store.orphans(self._worker_id))
+        confirmed = suspects & self._suspects
+        self._suspects = suspects - confirmed
+        if confirmed:
+            message = f"worker {self._worker_id} no longer executes the run"
+            await self._reap(self._worker_id, message, sorted(confirmed))
+
+    async def _reap(self, worker_id: str, message: str, only: list[str] | None = None) -> int:
+        run_ids = await self._store.runs_of(worker_id) if only is None else only
         won = 0
         for run_id in run_ids:
             record = await self._store.get(run_id)

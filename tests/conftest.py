@@ -26,6 +26,7 @@ from service.store import RunStore
 from service.store.memory import MemoryRunStore
 from service.store.redis import RedisRunStore
 from service.web.app import create_app
+from tests.topology.cluster import RedisClusterNodes, free_cluster_ports
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -122,6 +123,28 @@ def redis_server(redis_session: RedisServer) -> RedisServer:
     return redis_session
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[RedisClusterNodes]:
+    """A 3-master, 3-replica Redis Cluster for the session, torn down even on failure."""
+    nodes = RedisClusterNodes(
+        server=require_tool("redis-server"),
+        cli=require_tool("redis-cli"),
+        ports=free_cluster_ports(6),
+    )
+    nodes.start()
+    yield nodes
+    nodes.stop()
+    shutil.rmtree(nodes.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisClusterNodes) -> RedisClusterNodes:
+    """The session's cluster, healthy and empty at the start of the test."""
+    redis_cluster_session.wait_ok()
+    redis_cluster_session.flush()
+    return redis_cluster_session
+
+
 @pytest.fixture
 def settings() -> Settings:
     """Settings for tests: a token, a small grace, the memory store."""
@@ -152,6 +175,9 @@ def build_store(store_kind: str, request: pytest.FixtureRequest, **kwargs: Any) 
     """A new, unstarted store of the given kind (Redis: the test's own server)."""
     if store_kind == "memory":
         return MemoryRunStore(retention_seconds=3600, **kwargs)
+    if store_kind == "cluster":
+        nodes: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        return RedisRunStore(nodes.url, retention_seconds=3600, **kwargs)
     server: RedisServer = request.getfixturevalue("redis_server")
     return RedisRunStore(server.url, retention_seconds=3600, **kwargs)
 

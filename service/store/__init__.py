@@ -25,4 +25,5 @@ def open_store(settings: Settings, *, on_error: Callable[[str], None] | None = N
         connector=RedisConnector.from_settings(settings),
         min_replicas=settings.redis_min_replicas,
         wait_timeout_seconds=settings.redis_wait_timeout_seconds,
+        mode=settings.redis_mode,
     )

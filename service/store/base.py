@@ -254,6 +254,10 @@ class RunStore(Protocol):
     async def runs_of(self, worker_id: str) -> list[str]:
         """Ids of the runs created by ``worker_id`` that it has not finalized."""
 
+    async def orphans(self, worker_id: str) -> list[str]:
+        """Runs still listed under this process's own ``worker_id`` that it does not
+        execute (a failover lost their terminal write); the reaper finalizes them."""
+
     async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
         """Drop reaped runs from a lost worker's list, and the worker if its lease is
         still expired (a worker that came back keeps its lease)."""

@@ -293,6 +293,9 @@ class MemoryRunStore:
     async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
         return None
 
+    async def orphans(self, worker_id: str) -> list[str]:
+        return []  # one process: nothing it wrote can be lost by a failover
+
     # --- internals --------------------------------------------------------------
 
     def _live(self, run_id: str) -> _Entry | None:

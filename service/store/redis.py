@@ -12,7 +12,8 @@ also runs on Redis Cluster:
 * ``quiesce:{<run_id>}:events`` — a stream capped at ``MAX_EVENTS_PER_RUN`` entries.
 
 Leases (``service.reaper``): ``quiesce:workers`` is a sorted set of worker ids scored
-by lease expiry (on the Redis server's clock), and ``quiesce:{worker:<id>}:runs``
+by lease expiry (on the Redis server's clock; on a cluster it is split into a few
+shards, see ``redis_keys``), and ``quiesce:{worker:<id>}:runs``
 the set of a worker's unfinished runs. A run is added to that set ahead of its
 create (in the same pipeline) and removed once its finalize has answered (in one
 SREM with every run finalized at that moment). These are separate commands — the
@@ -22,7 +23,12 @@ finalize is a no-op for the reaper.
 While a run is running its keys live for retention plus its timeout (so a long run
 does not expire under its owner); the terminal write resets them to the retention.
 Every state change is one Lua script (``lua/``) sent through the group-commit
-pipeline; notifications travel on Pub/Sub channels (``redis_listener``).
+pipeline; notifications travel on Pub/Sub channels (``redis_listener``; sharded
+Pub/Sub on a cluster, ``redis_cluster``).
+
+Topology: the URL names one server or any node of a Redis Cluster; ``connect()``
+(called by ``start()``) tells which (``redis_cluster.resolve_topology``) and, on a
+cluster, swaps in the cluster client and the sharded listener before first use.
 
 Resets: ``quiesce:generation`` holds a random id, written once (no TTL) into an empty
 store. Redis restarted empty, flushed or evicting loses it with the runs, so the
@@ -41,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, Final
@@ -54,6 +60,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from service.config import RedisMode
 from service.errors import (
     IdempotencyInProgress,
     IdempotencyMismatch,
@@ -79,8 +86,24 @@ from service.store.base import (
     EventWatch,
     parse_cursor,
 )
+from service.store.redis_cluster import (
+    RedisModeMismatch,
+    ShardedListener,
+    cluster_client,
+    resolve_topology,
+)
 from service.store.redis_commands import Command, CommandPipeline, LuaScript, Undo
 from service.store.redis_connect import RedisConnector
+from service.store.redis_keys import (
+    CANCEL_CHANNEL_PREFIX,
+    EVENTS_CHANNEL_PREFIX,
+    GENERATION_KEY,
+    WORKERS_KEY,
+    KeyLayout,
+    events_key,
+    run_key,
+    worker_runs_key,
+)
 from service.store.redis_listener import NotificationListener
 from service.store.redis_queue import QUEUE_SCRIPTS, RedisQueue, RedisQueueMethods
 from service.store.redis_server import (
@@ -95,8 +118,16 @@ from service.store.redis_server import (
 
 log = structlog.get_logger(__name__)
 
-EVENTS_CHANNEL_PREFIX: Final = "quiesce:events:"
-CANCEL_CHANNEL_PREFIX: Final = "quiesce:cancel:"
+__all__ = [
+    "CANCEL_CHANNEL_PREFIX",
+    "EVENTS_CHANNEL_PREFIX",
+    "GENERATION_KEY",
+    "WORKERS_KEY",
+    "RedisRunStore",
+    "events_key",
+    "run_key",
+    "worker_runs_key",
+]
 
 #: Pipelines on the wire at once; the pool holds exactly that many connections.
 MAX_IN_FLIGHT: Final = 4
@@ -116,8 +147,6 @@ _SCRIPTS: Final = {
         "heartbeat", "expired", "forget", "discard", "generation",
     )
 } | QUEUE_SCRIPTS  # fmt: skip
-WORKERS_KEY: Final = "quiesce:workers"
-GENERATION_KEY: Final = "quiesce:generation"
 #: The most expired workers one reaper pass looks at.
 EXPIRED_BATCH: Final = 100
 #: After a refused write: how often its undo is tried.
@@ -125,18 +154,6 @@ UNDO_ATTEMPTS: Final = 5
 UNDO_FIRST_RETRY_SECONDS: Final = 0.5
 #: How often an idempotency claim's release is repeated while the store is away.
 RELEASE_RETRY_SECONDS: Final = 0.2
-
-
-def run_key(run_id: str) -> str:
-    return f"quiesce:{{{run_id}}}:run"
-
-
-def events_key(run_id: str) -> str:
-    return f"quiesce:{{{run_id}}}:events"
-
-
-def worker_runs_key(worker_id: str) -> str:
-    return f"quiesce:{{worker:{worker_id}}}:runs"
 
 
 class RedisRunStore(RedisQueueMethods):
@@ -153,7 +170,13 @@ class RedisRunStore(RedisQueueMethods):
         connector: RedisConnector | None = None,
         min_replicas: int = 0,
         wait_timeout_seconds: float = 0.5,
+        mode: RedisMode = "auto",
     ) -> None:
+        self._url = url
+        self._mode = mode
+        self._layout = KeyLayout()
+        self._connected = False
+        self._cancel_registration: tuple[str, CancelListener] | None = None
         self._retention = retention_seconds
         self._max_events = max_events
         self._on_error = on_error
@@ -171,8 +194,17 @@ class RedisRunStore(RedisQueueMethods):
         #: Per run id: writes being taken back (a refused create, a claim to release),
         #: sent ahead of a new claim of that id (see claim_idempotency).
         self._to_take_back: dict[str, dict[str, list[Command]]] = {}
-        # Standalone or Sentinel-managed, TLS or not (redis_connect).
+        #: When a call last failed as unavailable (loop time), and the lease length
+        #: this process renews with: reaping waits one lease after an outage.
+        self._last_outage: float | None = None
+        self._lease_ttl = 0.0
+        # Standalone or Sentinel-managed, TLS or not (redis_connect); on a cluster
+        # (found by connect()) these clients are replaced by the cluster's.
         self._connector = connector or RedisConnector.from_url(url)
+        #: Extra client options (TLS) given to every connection of every topology.
+        self._connection_kwargs: Mapping[str, Any] = self._connector.ssl
+        self._min_replicas = min_replicas
+        self._wait_timeout = wait_timeout_seconds
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
         # to repeat after a lost reply (see lua/).
         self._redis = self._connector.client(
@@ -200,7 +232,7 @@ class RedisRunStore(RedisQueueMethods):
         # Pub/Sub: its own connection, no hidden retries, so the listener sees every
         # disconnect and can resync after it (and, under Sentinel, reconnects to
         # whichever server is the master then).
-        self._listener = NotificationListener(
+        self._listener: NotificationListener | ShardedListener = NotificationListener(
             self._connector.client(
                 blocking=False,
                 max_connections=2,
@@ -208,25 +240,92 @@ class RedisRunStore(RedisQueueMethods):
                 socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
                 retry=Retry(NoBackoff(), retries=0),
             ),
-            cancel_prefix=CANCEL_CHANNEL_PREFIX,
-            events_prefix=EVENTS_CHANNEL_PREFIX,
+            cancel_channel=self._layout.cancel_channel,
+            events_channel=self._layout.events_channel,
         )
         self._queue = RedisQueue(
-            url,
+            # Its own connection for the "queued" notices; under a cluster, any node
+            # passes classic Pub/Sub to all of them.
+            self._connector.client(
+                blocking=False,
+                max_connections=1,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                retry=Retry(NoBackoff(), retries=0),
+            ),
             call=self._call,
             unlist=self._unlist_soon,
             run_key=run_key,
             events_key=events_key,
             worker_runs_key=worker_runs_key,
-            events_channel=EVENTS_CHANNEL_PREFIX.__add__,
+            events_channel=lambda run_id: self._layout.events_channel(run_id),
+            publish=lambda: self._layout.publish,
             ttl=self._running_ttl,
             retention_seconds=retention_seconds,
             max_events=max_events,
         )
 
+    @property
+    def cluster(self) -> bool:
+        """Whether the store runs on Redis Cluster (known once connected)."""
+        return self._layout.cluster
+
+    async def connect(self) -> None:
+        """Tell the topology and set the clients up for it (once; start() calls it).
+
+        Raises RedisModeMismatch (a ConfigError) when QUIESCE_REDIS_MODE names a
+        mode the server contradicts.
+        """
+        if self._connected:
+            return
+        self._connected = True
+        if self._connector.topology == "sentinel":
+            log.info("redis_topology", mode="sentinel", configured=self._mode)
+            return  # the sentinels name the master (redis_connect)
+        topology = await resolve_topology(
+            self._url, self._mode, connection_kwargs=self._connection_kwargs
+        )
+        log.info("redis_topology", mode=topology, configured=self._mode)
+        if topology == "cluster":
+            await self._use_cluster()
+
+    async def _use_cluster(self) -> None:
+        """Replace the (unused) single-server clients by the cluster's."""
+        if self._min_replicas:
+            # WAIT counts the replicas of the one node a connection talks to; the
+            # cluster pipeline spreads a batch over several. Refused rather than
+            # pretended.
+            raise RedisModeMismatch(
+                "QUIESCE_REDIS_MIN_REPLICAS: not supported on a Redis Cluster "
+                "(unset it, or use a single server or Sentinel)"
+            )
+        await self._commands.close()
+        await self._redis.aclose()
+        self._layout = KeyLayout(cluster=True)
+        cluster = cluster_client(
+            self._url,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            connection_kwargs=self._connection_kwargs,
+        )
+        self._redis = cluster  # type: ignore[assignment]
+        self._commands = CommandPipeline(
+            cluster,
+            scripts=_SCRIPTS.values(),
+            timeout=CALL_TIMEOUT_SECONDS,
+            max_in_flight=MAX_IN_FLIGHT,
+        )
+        standalone_listener = self._listener
+        self._listener = ShardedListener(
+            cluster, self._layout, socket_timeout=SOCKET_TIMEOUT_SECONDS
+        )
+        if self._cancel_registration is not None:
+            self._listener.listen_for_cancels(*self._cancel_registration)
+        await standalone_listener.close()
+
     # --- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.connect()
         await self._listener.start()
         await self._queue.start()
         # Not awaited: a Redis that is away at start must not delay it (the first
@@ -254,9 +353,9 @@ class RedisRunStore(RedisQueueMethods):
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
         # Every (re)connect of the Pub/Sub connection resyncs the listener: the
         # moment a restarted Redis is back, so the generation is read then too.
-        self._listener.listen_for_cancels(
-            worker_id, _AlsoOnResync(listener, lambda: self._spawn(self._check_generation()))
-        )
+        wrapped = _AlsoOnResync(listener, lambda: self._spawn(self._check_generation()))
+        self._cancel_registration = (worker_id, wrapped)
+        self._listener.listen_for_cancels(worker_id, wrapped)
 
     def on_reset(
         self, running: Callable[[], Collection[RunRecord]], reset: Callable[[], None]
@@ -359,7 +458,8 @@ class RedisRunStore(RedisQueueMethods):
             json_encoder.encode(started),
             ttl,
             self._max_events,
-            EVENTS_CHANNEL_PREFIX + run_id,
+            self._layout.events_channel(run_id),
+            self._layout.publish,
         ]
         return _script("create", [run_key(run_id), events_key(run_id)], args)
 
@@ -400,14 +500,16 @@ class RedisRunStore(RedisQueueMethods):
         args = [
             json_encoder.encode(event),
             self._max_events,
-            EVENTS_CHANNEL_PREFIX + run_id,
+            self._layout.events_channel(run_id),
             seq or 0,
+            self._layout.publish,
         ]
         command = _script("append", [run_key(run_id), events_key(run_id)], args)
         (reply,) = await self._call("append", [command])
         if reply == -1:
             # The run is gone: if the store was reset, it is written back; then again.
             await self._check_generation()
+            await self._reassert(run_id)
             (reply,) = await self._call("append", [command])
         return None if reply is None or reply == -1 else reply.decode()
 
@@ -419,7 +521,8 @@ class RedisRunStore(RedisQueueMethods):
             json_encoder.encode(terminal_event_for(record)),
             self._retention,
             self._max_events,
-            EVENTS_CHANNEL_PREFIX + run_id,
+            self._layout.events_channel(run_id),
+            self._layout.publish,
             record.worker_id,  # (only that worker's attempt is ended: see finalize.lua)
         ]
         command = _script("finalize", [run_key(run_id), events_key(run_id)], args)
@@ -427,16 +530,22 @@ class RedisRunStore(RedisQueueMethods):
         if won == -1:
             # The run is gone: if the store was reset, it is written back; then again.
             await self._check_generation()
+            await self._reassert(run_id)
             (won,) = await self._call("finalize", [command], confirm=True)
         # Unlisted only once terminal (a crash in between leaves the reaper a no-op).
         self._unlist_soon(record.worker_id, run_id)
         return bool(won == 1)
 
     async def request_cancel(self, run_id: str) -> CancelOutcome:
+        # On a cluster the owner's channel is in the owner's slot, which the script
+        # may not touch: it answers the owner and the notice is sent separately.
+        prefix = "" if self._layout.cluster else CANCEL_CHANNEL_PREFIX
         (reply,) = await self._call(
-            "cancel", [_script("cancel", [run_key(run_id)], [run_id, CANCEL_CHANNEL_PREFIX])]
+            "cancel", [_script("cancel", [run_key(run_id)], [run_id, prefix])]
         )
-        outcome = reply.decode()
+        outcome, _, owner = reply.decode().partition(":")
+        if owner:
+            await self._call("cancel", [("SPUBLISH", self._layout.cancel_channel(owner), run_id)])
         if outcome == "missing":
             raise RunNotFound(f"run {run_id} not found")
         return CancelOutcome(outcome)
@@ -444,21 +553,66 @@ class RedisRunStore(RedisQueueMethods):
     # --- worker leases --------------------------------------------------------------
 
     async def heartbeat(self, worker_id: str, ttl_seconds: float) -> None:
-        _, generation = await self._call(
-            "heartbeat",
-            [
-                _script("heartbeat", [WORKERS_KEY], [worker_id, int(ttl_seconds * 1000)]),
-                self._generation_command(),
-            ],
-        )
-        await self._settle_generation(generation.decode())
+        """Renew the lease, read the generation, and re-assert the runs executed here.
+
+        A failover can drop the last writes a master acknowledged (replication is
+        asynchronous), and on a cluster that can be one node's share alone, with the
+        generation marker intact elsewhere. So each renewal also re-lists this
+        process's running runs under their worker (one SADD per worker) and asks
+        whether each record is still there (one HEXISTS each, in the same
+        pipelined round trip); a run that is gone is written back as its create
+        did — a run a worker executes never disappears for longer than one renewal.
+        """
+        self._lease_ttl = ttl_seconds
+        running = [record for record in self._running() if not record.is_terminal]
+        by_worker: dict[str, list[str]] = {}
+        for record in running:
+            by_worker.setdefault(record.worker_id, []).append(record.run_id)
+        commands: list[Command] = [
+            _script(
+                "heartbeat",
+                [self._layout.lease_key(worker_id)],
+                [worker_id, int(ttl_seconds * 1000)],
+            ),
+            self._generation_command(),
+            *(("SADD", worker_runs_key(owner), *ids) for owner, ids in by_worker.items()),
+            *(("HEXISTS", run_key(record.run_id), "record") for record in running),
+        ]
+        replies = await self._call("heartbeat", commands)
+        await self._settle_generation(replies[1].decode())
+        present = replies[2 + len(by_worker) :]
+        missing = [record for record, there in zip(running, present, strict=True) if not there]
+        if missing and not self._restore_pending:
+            log.warning(
+                "store_runs_missing",
+                runs=len(missing),
+                detail="runs executing here were missing from the store (a failover lost "
+                "writes?); written back",
+            )
+            await self._restore(missing)
 
     async def retire(self, worker_id: str) -> None:
-        await self._call("retire", [("ZREM", WORKERS_KEY, worker_id)])
+        await self._call("retire", [("ZREM", self._layout.lease_key(worker_id), worker_id)])
 
     async def expired_workers(self) -> list[str]:
-        (reply,) = await self._call("expired", [_script("expired", [WORKERS_KEY], [EXPIRED_BATCH])])
-        return [worker_id.decode() for worker_id in reply]
+        """Workers whose lease expired — none within one lease period of an outage.
+
+        While Redis (or, on a cluster, the master holding a lease shard) is away, no
+        worker can renew; once it is back every live worker renews within a third
+        of its lease. Reaping before that would end runs that are still executing,
+        so a store that has just failed a call defers reaping for one lease period.
+        """
+        if self._last_outage is not None:
+            since = asyncio.get_running_loop().time() - self._last_outage
+            if since < self._lease_ttl:
+                log.info("reaping_deferred", seconds_since_outage=round(since, 2))
+                return []
+        # Every shard of the lease index in one pipelined pass (one on one server).
+        replies = await self._call(
+            "expired",
+            [_script("expired", [key], [EXPIRED_BATCH]) for key in self._layout.lease_keys()],
+        )
+        return [worker_id.decode() for reply in replies for worker_id in reply][:EXPIRED_BATCH]
 
     async def runs_of(self, worker_id: str) -> list[str]:
         if self._unlisting is not None:
@@ -466,21 +620,27 @@ class RedisRunStore(RedisQueueMethods):
         (members,) = await self._call("runs_of", [("SMEMBERS", worker_runs_key(worker_id))])
         return sorted(member.decode() for member in members)
 
+    async def orphans(self, worker_id: str) -> list[str]:
+        executing = {record.run_id for record in self._running()}
+        return [run_id for run_id in await self.runs_of(worker_id) if run_id not in executing]
+
     async def forget(self, worker_id: str, run_ids: Collection[str]) -> None:
         commands: list[Command] = []
         if run_ids:
             commands.append(("SREM", worker_runs_key(worker_id), *run_ids))
-        commands.append(_script("forget", [WORKERS_KEY], [worker_id]))
+        commands.append(_script("forget", [self._layout.lease_key(worker_id)], [worker_id]))
         await self._call("forget", commands)
 
     # --- the server and its generation -------------------------------------------
 
     async def server_report(self) -> ServerReport:
         """Version, eviction policy and persistence, as far as the server tells."""
+        await self.connect()
         return await inspect(self._redis)
 
     async def self_check(self) -> ServerReport:
         """The deep check behind ``quiesce check`` (see redis_server); raises CheckFailed."""
+        await self.connect()
         try:
             return await self_check(
                 self._redis,
@@ -533,7 +693,7 @@ class RedisRunStore(RedisQueueMethods):
                     self._on_reset()
                 # A flush publishes nothing: open streams would wait for a keep-alive
                 # to find their run gone. They end now with a retry hint instead.
-                self._listener.lose_watches()
+                self._listener.lose_all()
                 self._restore_pending = True
             self._generation = generation
             if self._restore_pending:
@@ -543,6 +703,13 @@ class RedisRunStore(RedisQueueMethods):
                     log.warning("store_restore_failed", error=str(exc))  # the next check retries
                 else:
                     self._restore_pending = False
+
+    async def _reassert(self, run_id: str) -> None:
+        """Write back one run this process still executes, should it have been lost."""
+        records = [r for r in self._running() if r.run_id == run_id and not r.is_terminal]
+        if records:
+            with contextlib.suppress(StoreUnavailable):
+                await self._restore(records)
 
     async def _restore(self, records: list[RunRecord]) -> None:
         """Write running runs back as their create did (a run still there is kept).
@@ -600,6 +767,7 @@ class RedisRunStore(RedisQueueMethods):
         try:
             return await self._commands.run(commands, undo=undo, confirm=confirm)
         except StoreUnavailable:
+            self._last_outage = asyncio.get_running_loop().time()
             if self._on_error is not None:
                 self._on_error(operation)
             raise

@@ -8,6 +8,10 @@ Here callers only queue a job (one or more commands) and await its replies; at m
 ``max_in_flight`` pipelines are on the wire at once, each carrying everything queued
 while the previous ones were out. Connections in use are therefore bounded by
 construction, and a burst is answered in a few round trips instead of one per request.
+On Redis Cluster the pipeline is the cluster client's: it groups the commands by the
+node that owns each key's slot, sends every node's share at once, and follows
+``MOVED``/``ASK`` for the commands redirected; scripts missing on a node (a promoted
+replica) are loaded on every primary and the commands sent again.
 
 Replica confirmation (``min_replicas`` > 0): a job marked ``confirm`` (a create, a
 terminal write) is answered only once ``WAIT min_replicas timeout`` — sent at the end
@@ -32,15 +36,20 @@ from importlib import resources
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MasterDownError,
+    MovedError,
     NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
     TryAgainError,
 )
@@ -50,7 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.errors import StoreUnavailable
 
 #: Errors that mean "Redis is not reachable now" rather than "this command is wrong".
-UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
 #: Replies by which Redis refuses a command because of its own state or of how the
 #: operator set it up (an ACL without the command, a read-only replica during a
 #: failover, maxmemory reached, a dataset still loading), not because the command is
@@ -65,9 +74,21 @@ REFUSAL_ERRORS = (
     TryAgainError,
     ClusterDownError,
     MasterDownError,
+    # A redirection the cluster client could not settle (a slot still moving after
+    # its retries), or one on a single-server client pointed at a cluster node.
+    MovedError,
+    AskError,
+    # Redirections that did not settle within the cluster client's limit.
+    ClusterError,
 )
 #: The same refusals as they come back from inside a Lua script, as plain errors.
-_REFUSAL_TEXTS: Final = ("can't run this command", "NOPERM", "READONLY", "OOM", "BUSY", "MISCONF")
+_REFUSAL_TEXTS: Final = (
+    "can't run this command", "NOPERM", "READONLY", "OOM", "BUSY", "MISCONF",
+    "CLUSTERDOWN", "TRYAGAIN", "MOVED ", "ASK ", "MASTERDOWN",
+)  # fmt: skip
+#: How often a command that met a moving slot (TRYAGAIN) is sent again, and how far apart.
+MOVING_RETRIES: Final = 8
+MOVING_RETRY_SECONDS: Final = 0.05
 #: How long close() waits for undos still running.
 UNDO_WAIT_SECONDS: Final = 3.0
 #: How often overdue jobs are looked for: a deadline may be passed by this much.
@@ -111,7 +132,7 @@ class CommandPipeline:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         *,
         scripts: Iterable[LuaScript],
         timeout: float,
@@ -219,6 +240,7 @@ class CommandPipeline:
                     f"only {acked} of {self.min_replicas} replicas confirmed the write "
                     f"within {self.wait_timeout_ms} ms (WAIT)"
                 )
+            await self._retry_moving(batch, results)
         except UNAVAILABLE_ERRORS as exc:
             results = [StoreUnavailable(f"store unavailable: {exc}")] * len(batch)
         except BaseException as exc:
@@ -231,6 +253,32 @@ class CommandPipeline:
             if unconfirmed is not None and job.confirm and not isinstance(result, BaseException):
                 result = unconfirmed
             self._settle(job, index, _as_unavailable(result))
+
+    async def _retry_moving(
+        self, batch: list[tuple[Command, _Job, int]], results: list[Any]
+    ) -> None:
+        """Send again what met a slot being moved, while its callers still wait.
+
+        During a resharding a script whose keys are split between two nodes gets
+        TRYAGAIN, and the cluster client gives up after a few quick redirections
+        (``ClusterError``). Neither ran the command, so it is sent again (a few
+        times, briefly apart) instead of being reported; only a caller whose
+        deadline passes sees a 503.
+        """
+        for _ in range(MOVING_RETRIES):
+            moving = [
+                i
+                for i, result in enumerate(results)
+                if isinstance(result, (TryAgainError, ClusterError))
+                and not batch[i][1].expired
+                and not batch[i][1].future.done()
+            ]
+            if not moving:
+                return
+            await asyncio.sleep(MOVING_RETRY_SECONDS)
+            retried, _ = await self._run([batch[i][0] for i in moving], wait=False)
+            for i, result in zip(moving, retried, strict=True):
+                results[i] = result
 
     def _settle(self, job: _Job, index: int, result: Any) -> None:
         job.results[index] = result
@@ -266,6 +314,12 @@ class CommandPipeline:
         return replies, acked if isinstance(acked, int) else 0
 
     async def _load_scripts(self) -> None:
+        if isinstance(self._redis, RedisCluster):
+            # SCRIPT LOAD goes to every primary (a replica promoted by a failover
+            # starts with an empty script cache).
+            for script in self._scripts.values():
+                await self._redis.script_load(script.source)
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for script in self._scripts.values():
                 pipe.script_load(script.source)
@@ -273,7 +327,13 @@ class CommandPipeline:
 
 
 def _as_unavailable(result: Any) -> Any:
-    """A refusal (see REFUSAL_ERRORS) as StoreUnavailable; any other result as is."""
+    """A refusal (see REFUSAL_ERRORS) as StoreUnavailable; any other result as is.
+
+    The cluster pipeline also hands back a lost connection as one command's result
+    (a node that died between sending and answering) rather than raising it.
+    """
+    if isinstance(result, UNAVAILABLE_ERRORS):
+        return StoreUnavailable(f"store unavailable: {result}")
     if isinstance(result, REFUSAL_ERRORS) or (
         isinstance(result, ResponseError)
         and not isinstance(result, NoScriptError)

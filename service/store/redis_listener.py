@@ -12,18 +12,26 @@ its watch is lost — an open event stream then ends with a ``retry:`` hint inst
 waiting, unaware, for a wake-up that may never come. After every (re)connect the
 listener wakes every watcher (they re-read their stream) and asks the cancel
 listener to re-check its flags.
+
+On Redis Cluster the same class serves one node with sharded Pub/Sub
+(``SSUBSCRIBE``; ``redis_cluster.ShardedListener`` routes each channel to the node
+that owns its slot). There a refused subscription (``MOVED`` after a failover or a
+resharding) counts as a disconnect, and a channel the server drops on its own
+(``sunsubscribe`` when its slot moves away) loses that channel's watchers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from service.store.base import CancelListener, EventWatch, Watch
 from service.store.redis_commands import UNAVAILABLE_ERRORS
@@ -43,11 +51,24 @@ CLOSE_TIMEOUT_SECONDS: Final = 0.5
 class NotificationListener:
     """Subscribes to this worker's cancel channel and to the channels of watched runs."""
 
-    def __init__(self, client: Redis, *, cancel_prefix: str, events_prefix: str) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        cancel_channel: Callable[[str], str],
+        events_channel: Callable[[str], str],
+        sharded: bool = False,
+        ready_channel: str | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
-        self._cancel_prefix = cancel_prefix
-        self._events_prefix = events_prefix
-        self._cancel_channel = f"{cancel_prefix}-"  # replaced by listen_for_cancels
+        self._cancel_channel_for = cancel_channel
+        self._events_channel_for = events_channel
+        self._sharded = sharded
+        self._on_disconnect = on_disconnect
+        #: Subscribed last on every connect: its confirmation means every channel is
+        #: live. The cancel channel once listen_for_cancels() named the worker.
+        self._cancel_channel = ready_channel or cancel_channel("-")
         self._cancel_listener: CancelListener | None = None
         self._watches: dict[str, set[Watch]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
@@ -59,7 +80,7 @@ class NotificationListener:
     def listen_for_cancels(self, worker_id: str, listener: CancelListener) -> None:
         if self._task is not None:
             raise RuntimeError("listen_for_cancels() must be called before start()")
-        self._cancel_channel = f"{self._cancel_prefix}{worker_id}"
+        self._cancel_channel = self._cancel_channel_for(worker_id)
         self._cancel_listener = listener
 
     async def start(self) -> None:
@@ -83,7 +104,7 @@ class NotificationListener:
 
     @contextlib.asynccontextmanager
     async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
-        channel = f"{self._events_prefix}{run_id}"
+        channel = self._events_channel_for(run_id)
         watch = Watch()
         async with self._lock:
             watches = self._watches.setdefault(channel, set())
@@ -106,13 +127,16 @@ class NotificationListener:
                     self._confirmations.pop(channel, None)
                     if self._pubsub is not None:
                         with contextlib.suppress(*UNAVAILABLE_ERRORS):
-                            await self._pubsub.unsubscribe(channel)
+                            if self._sharded:
+                                await self._pubsub.sunsubscribe(channel)
+                            else:
+                                await self._pubsub.unsubscribe(channel)
 
     async def _subscribe(self, pubsub: PubSub, channel: str) -> asyncio.Future[None] | None:
         """Send SUBSCRIBE (under the lock, so sends stay in state order)."""
         confirmation: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            await pubsub.subscribe(channel)
+            await self._send_subscribe(pubsub, channel)
         except UNAVAILABLE_ERRORS:
             return None
         self._confirmations[channel] = confirmation
@@ -129,20 +153,30 @@ class NotificationListener:
                     # Subscribed last: Redis answers in order, so its confirmation
                     # means every channel above is live, and the resync that it
                     # triggers cannot miss an event.
-                    await pubsub.subscribe(self._cancel_channel)
+                    await self._send_subscribe(pubsub, self._cancel_channel)
                     self._pubsub = pubsub
                 await self._read(pubsub, on_ready=self._resync)
-            except UNAVAILABLE_ERRORS as exc:
+            except (*UNAVAILABLE_ERRORS, ResponseError) as exc:
+                # A ResponseError here is a refused subscription (MOVED, CLUSTERDOWN):
+                # the channel's node changed, so this connection is as good as lost.
                 if self._closing:
                     return
                 log.warning("store_listener_disconnected", error=str(exc), retry_in=backoff)
-                self.lose_watches()
+                self._lose_watches()
+                if self._on_disconnect is not None:
+                    self._on_disconnect()
             finally:
                 self._pubsub = None
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_SECONDS)
+
+    async def _send_subscribe(self, pubsub: PubSub, channel: str) -> None:
+        if self._sharded:
+            await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(channel)
 
     async def _read(self, pubsub: PubSub, *, on_ready: Any) -> None:
         pinged = False
@@ -159,9 +193,17 @@ class NotificationListener:
             channel = message["channel"]
             if isinstance(channel, bytes):
                 channel = channel.decode()
-            if kind == "message":
+            if kind in ("message", "smessage"):
                 self._dispatch(channel, message["data"])
-            elif kind == "subscribe":
+            elif kind == "sunsubscribe" and channel == self._cancel_channel:
+                # The cancel (or ready) channel's slot moved: connect again, where
+                # the refreshed slot map says.
+                raise RedisConnectionError(f"the server dropped {channel} (its slot moved)")
+            elif kind == "sunsubscribe" and channel in self._confirmations:
+                # Not asked for (a watched channel is dropped from the confirmations
+                # before its SUNSUBSCRIBE): the slot moved to another node.
+                self._lose_channel(channel)
+            elif kind in ("subscribe", "ssubscribe"):
                 if channel == self._cancel_channel:
                     on_ready()
                 confirmation = self._confirmations.get(channel)
@@ -177,9 +219,20 @@ class NotificationListener:
         for watch in self._watches.get(channel, ()):
             watch.notify()
 
-    def lose_watches(self) -> None:
-        """Disconnected (or the store was reset): events may pass unseen, or the runs
-        watched may be gone, so every watcher is told to stop."""
+    def _lose_channel(self, channel: str) -> None:
+        self._confirmations.pop(channel, None)
+        for watch in self._watches.get(channel, ()):
+            watch.lose()
+        if self._on_disconnect is not None:
+            self._on_disconnect()
+
+    def lose_all(self) -> None:
+        """Tell every watcher its watch is over (this listener is being retired, or
+        the store was reset and the runs watched may be gone)."""
+        self._lose_watches()
+
+    def _lose_watches(self) -> None:
+        """Disconnected: events may pass unseen, so every watcher is told to stop."""
         for watches in self._watches.values():
             for watch in watches:
                 watch.lose()

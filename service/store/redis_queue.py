@@ -8,7 +8,7 @@ multi-key command across two hash tags:
 * **requeue** (the run's owner, or a reaper for a lost owner): (1) ``requeue.lua`` on
   the run: ``running`` (that attempt, that worker) → ``queued`` with its
   ``run_requeued`` event; (2) ``LPUSH`` of the entry ``<run_id>:<attempt>`` onto the
-  run's shard, and a ``PUBLISH`` on ``quiesce:queued`` (adopters wake at once); (3) the
+  run's shard, then a ``PUBLISH`` on ``quiesce:queued`` (adopters wake at once); (3) the
   run leaves its old worker's list. A crash between (1) and (2) leaves a ``queued``
   run in no shard — but still in the old worker's list, so once that worker's lease
   expires the reaper finds it there (it reads only that list: no scan) and enqueues
@@ -37,9 +37,7 @@ from typing import Any, Final
 
 import msgspec
 import structlog
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.errors import StoreUnavailable
@@ -65,6 +63,8 @@ REPORTER_KEY: Final = "quiesce:queue:reporter"
 QUEUE_SCRIPT_NAMES: Final = ("requeue", "adopt", "finalize_queued", "reporter")
 QUEUE_SCRIPTS: Final = {name: LuaScript.load(name) for name in QUEUE_SCRIPT_NAMES}
 LISTENER_BACKOFF_MAX_SECONDS: Final = 2.0
+#: How long the "queued" notice may take; a late one only delays adoption to a poll.
+PUBLISH_TIMEOUT: Final = 1.0
 
 Call = Callable[[str, list[Command]], Awaitable[list[Any]]]
 
@@ -88,7 +88,7 @@ def _script(name: str, keys: list[str], args: list[Any]) -> Command:
 class RedisQueue:
     def __init__(
         self,
-        url: str,
+        client: Redis,
         *,
         call: Call,
         unlist: Callable[[str, str], None],
@@ -96,6 +96,7 @@ class RedisQueue:
         events_key: Callable[[str], str],
         worker_runs_key: Callable[[str], str],
         events_channel: Callable[[str], str],
+        publish: Callable[[], str],
         ttl: Callable[[RunRecord], int],
         retention_seconds: int,
         max_events: int,
@@ -106,20 +107,16 @@ class RedisQueue:
         self._events_key = events_key
         self._worker_runs_key = worker_runs_key
         self._events_channel = events_channel
+        #: PUBLISH, or SPUBLISH on a cluster (known once the store has connected).
+        self._publish = publish
         self._ttl = ttl
         self._retention = retention_seconds
         self._max_events = max_events
         #: Claims whose answer was lost: (record written, input), by run id.
         self._uncertain: dict[str, tuple[RunRecord, dict[str, Any]]] = {}
         self._notified = asyncio.Event()
-        self._client = Redis.from_pool(
-            ConnectionPool.from_url(
-                url,
-                max_connections=1,
-                socket_connect_timeout=1.0,
-                retry=Retry(NoBackoff(), retries=0),
-            )
-        )
+        #: Its own connection for the "queued" notifications (no hidden retries).
+        self._client = client
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -144,6 +141,7 @@ class RedisQueue:
             self._ttl(queued),
             self._max_events,
             self._events_channel(run_id),
+            self._publish(),
         ]
         keys = [self._run_key(run_id), self._events_key(run_id)]
         (won,) = await self._call("requeue", [_script("requeue", keys, args)])
@@ -156,13 +154,12 @@ class RedisQueue:
 
     async def enqueue(self, queued: RunRecord) -> None:
         entry = entry_of(queued.run_id, queued.attempt)
-        await self._call(
-            "enqueue",
-            [
-                ("LPUSH", shard_key(shard_of(queued.run_id)), entry),
-                ("PUBLISH", QUEUED_CHANNEL, entry),
-            ],
-        )
+        await self._call("enqueue", [("LPUSH", shard_key(shard_of(queued.run_id)), entry)])
+        # Then wake the adopters, on the notification connection: a cluster's pipeline
+        # refuses PUBLISH (it names no slot), while a node that is given one passes it
+        # to every node. At most once, like all Pub/Sub: adopters also poll.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._client.publish(QUEUED_CHANNEL, entry), PUBLISH_TIMEOUT)
 
     # --- adopt ----------------------------------------------------------------------
 
@@ -217,6 +214,7 @@ class RedisQueue:
                     self._ttl(running),
                     self._max_events,
                     self._events_channel(run_id),
+                    self._publish(),
                 ]
                 keys = [self._run_key(run_id), self._events_key(run_id)]
                 # Listed under this worker first, so a crash leaves it to the reaper.
@@ -272,6 +270,7 @@ class RedisQueue:
             self._retention,
             self._max_events,
             self._events_channel(run_id),
+            self._publish(),
         ]
         keys = [self._run_key(run_id), self._events_key(run_id)]
         (won,) = await self._call("finalize_queued", [_script("finalize_queued", keys, args)])

@@ -1,4 +1,8 @@
-"""The RunStore contract, run against both stores (the ``store`` fixture is parametrized)."""
+"""The RunStore contract, run against every store and Redis topology.
+
+The ``store`` fixture (tests/conftest.py) is parametrized here over the memory
+store, one Redis server and a 3-master, 3-replica Redis Cluster.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ from service.schemas import (
     utcnow,
 )
 from service.store import CancelOutcome, RunStore
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
 
 
 def running_record(run_id: str | None = None, worker_id: str = "worker-a") -> RunRecord:
@@ -284,5 +294,6 @@ async def _replica_pair(
     if store_kind == "memory":
         shared = MemoryRunStore(retention_seconds=3600)
         return shared, shared
-    url = request.getfixturevalue("redis_server").url
+    fixture = "redis_cluster" if store_kind == "cluster" else "redis_server"
+    url = request.getfixturevalue(fixture).url
     return RedisRunStore(url, retention_seconds=3600), RedisRunStore(url, retention_seconds=3600)

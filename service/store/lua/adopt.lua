@@ -4,7 +4,8 @@
 -- KEYS[1] run hash, KEYS[2] event stream
 -- ARGV[1] running record json, ARGV[2] the attempt it was queued after,
 -- ARGV[3] the new worker, ARGV[4] run_started event json, ARGV[5] ttl (s),
--- ARGV[6] max events, ARGV[7] events channel
+-- ARGV[6] max events, ARGV[7] events channel, ARGV[8] the notifying command (PUBLISH, or
+-- SPUBLISH on a cluster)
 -- Returns 1 when this claim won (also when repeated after a lost reply), else 0.
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'running' and redis.call('HGET', KEYS[1], 'record') == ARGV[1] then
@@ -24,5 +25,5 @@ redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', 'running', 'worker', AR
 redis.call('HDEL', KEYS[1], 'cancel')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[7], id)
+redis.call(ARGV[8], ARGV[7], id)
 return 1

@@ -1,7 +1,8 @@
 -- Append a progress event unless the run is terminal (or gone); idempotent by sequence.
 -- KEYS[1] run hash, KEYS[2] event stream
 -- ARGV[1] event json, ARGV[2] max events, ARGV[3] events channel,
--- ARGV[4] the event's sequence number within its run (1, 2, ...; 0: none)
+-- ARGV[4] the event's sequence number within its run (1, 2, ...; 0: none),
+-- ARGV[5] the notifying command (PUBLISH, or SPUBLISH on a cluster)
 -- A sequence number at or below the last one appended is a repeat (its first send
 -- timed out on the client but landed): nothing is appended, and the id of the last
 -- sequenced event is returned.
@@ -22,5 +23,5 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARG
 if seq > 0 then
   redis.call('HSET', KEYS[1], 'seq', seq, 'seq_id', id)
 end
-redis.call('PUBLISH', ARGV[3], id)
+redis.call(ARGV[5], ARGV[3], id)
 return id

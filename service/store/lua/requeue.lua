@@ -4,7 +4,8 @@
 -- KEYS[1] run hash, KEYS[2] event stream
 -- ARGV[1] queued record json, ARGV[2] the attempt that ended, ARGV[3] its worker,
 -- ARGV[4] run_requeued event json, ARGV[5] ttl (s), ARGV[6] max events,
--- ARGV[7] events channel
+-- ARGV[7] events channel, ARGV[8] the notifying command (PUBLISH, or
+-- SPUBLISH on a cluster)
 -- Returns 1 when this requeue won (also when the same write is repeated after a lost
 -- reply), 0 when the run is no longer that attempt running on that worker.
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -28,5 +29,5 @@ redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', 'queued')
 redis.call('HDEL', KEYS[1], 'cancel')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[7], id)
+redis.call(ARGV[8], ARGV[7], id)
 return 1
