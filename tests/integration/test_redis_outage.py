@@ -101,6 +101,12 @@ async def test_an_outage_is_503_and_the_app_recovers_without_a_restart(
         assert time.monotonic() < deadline, "readiness did not recover within 5 s"
         await asyncio.sleep(0.05)
     assert (await client.get("/readyz")).json() == {"status": "ready"}
+    # The empty restart is noticed (once) as a store reset; a stream open at that
+    # moment would end with a retry hint, so the one below opens after it.
+    deadline = time.monotonic() + 5
+    while metric(await metrics_text(client), "quiesce_store_resets_total") != 1:
+        assert time.monotonic() < deadline, "the store reset was not noticed within 5 s"
+        await asyncio.sleep(0.05)
 
     deadline = time.monotonic() + 5
     while (created := await client.post("/v1/runs", json=sleep_body(0.3, 3))).status_code != 202:
