@@ -34,6 +34,12 @@ RATE: Final = "$__rate_interval"
 #: The HPA's target (deploy/k8s/hpa.yaml) and the failure-ratio alert's threshold
 #: (deploy/prometheus/quiesce-rules.yaml), drawn as lines.
 HPA_TARGET: Final = 70
+#: The adapter's external metric quiesce_runs_demand (deploy/k8s/prometheus-adapter):
+#: active runs of every pod plus the queue, which one replica at a time exports.
+DEMAND: Final = (
+    f"sum(max by (pod) (quiesce_active_runs{{{NS}}}))"
+    f" + (max(quiesce_queued_runs{{{NS}}}) or vector(0))"
+)
 FAILURE_RATIO_ALERT: Final = 0.25
 STREAM_ROUTE: Final = "/v1/runs/{run_id}/events/stream"
 
@@ -132,20 +138,17 @@ ROWS: Final = (
             ),
             Panel(
                 "HPA signal",
-                "What the HPA sees: prometheus-adapter serves max by (pod) of "
-                "quiesce_active_runs for every pod of the namespace, and the HPA keeps their "
-                f"average at {HPA_TARGET} (the red line). KEDA's query is the total, which it "
-                "divides by the replica count.",
+                "What the HPA sees: prometheus-adapter serves quiesce_runs_demand, the "
+                "namespace's active runs (max by pod) plus the queued runs waiting for an "
+                f"attempt, and the HPA keeps it at {HPA_TARGET} per replica (the red line). "
+                "KEDA's query is the same total, which it divides by the replica count.",
                 (
                     Query(
-                        f"avg(max by (pod) (quiesce_active_runs{{{NS}}}))",
-                        "average per pod (HPA)",
+                        f"({DEMAND}) / count(max by (pod) (quiesce_active_runs{{{NS}}}))",
+                        "demand per pod (HPA)",
                     ),
-                    Query(f"max by (pod) (quiesce_active_runs{{{NS}}})", "{{pod}} (adapter)"),
-                    Query(
-                        f'sum(max by (pod) (quiesce_active_runs{{{NS}, job="quiesce"}}))',
-                        "total (KEDA query)",
-                    ),
+                    Query(f"max by (pod) (quiesce_active_runs{{{NS}}})", "{{pod}} active"),
+                    Query(DEMAND, "demand: active + queued (KEDA query)"),
                 ),
                 threshold=HPA_TARGET,
             ),
@@ -225,6 +228,34 @@ ROWS: Final = (
                 "Runs of lost workers finalized as worker_lost, by the pod that reaped them.",
                 (Query(rate("quiesce_orphans_reaped_total", "pod"), "{{pod}}"),),
                 unit="reqps",
+            ),
+        ),
+    ),
+    Row(
+        "Retries",
+        (
+            Panel(
+                "Queued runs",
+                "Runs waiting in the shared queue for another attempt (one series, from the "
+                "replica that reports it; 0 when none is queued).",
+                (Query(f"max(quiesce_queued_runs{{{NS}}}) or vector(0)", "queued"),),
+                width=8,
+            ),
+            Panel(
+                "Requeued runs by reason",
+                "Attempts that ended with a reason their retry policy lists (shutdown, "
+                "worker_lost, timeout, error), so the run was queued again.",
+                (Query(rate("quiesce_runs_requeued_total", "reason"), "{{reason}}"),),
+                unit="reqps",
+                width=8,
+                stacked=True,
+            ),
+            Panel(
+                "Adopted runs by pod",
+                "Queued runs each pod took for their next attempt.",
+                (Query(rate("quiesce_runs_adopted_total", "pod"), "{{pod}}"),),
+                unit="reqps",
+                width=8,
             ),
         ),
     ),
