@@ -110,6 +110,7 @@ from service.store.redis_server import (
     CheckFailed,
     Misconfigured,
     ServerReport,
+    Topology,
     classify,
     inspect,
     probe_key,
@@ -646,7 +647,7 @@ class RedisRunStore(RedisQueueMethods):
                 self._redis,
                 _SCRIPTS.values(),
                 probe_key(),
-                describe=self._connector.describe,
+                describe=self._describe_cluster if self.cluster else self._connector.describe,
                 min_replicas=self._commands.min_replicas,
                 wait_timeout_ms=self._commands.wait_timeout_ms,
             )
@@ -661,6 +662,17 @@ class RedisRunStore(RedisQueueMethods):
             if reason is None:
                 raise
             raise classify(reason) from exc
+
+    async def _describe_cluster(self, redis: Any) -> Topology:
+        """The cluster's nodes and roles (CLUSTER NODES), for ``quiesce check``."""
+        nodes = await redis.cluster_nodes()
+        found = tuple(
+            sorted(
+                (address.split("@")[0], "master" if "master" in info["flags"] else "replica")
+                for address, info in nodes.items()
+            )
+        )
+        return Topology(mode="cluster", tls=self._connector.tls, nodes=found)
 
     def _generation_command(self) -> Command:
         return _script("generation", [GENERATION_KEY], [secrets.token_hex(8)])

@@ -54,6 +54,10 @@ STATEFUL = settings(
     derandomize=True,
     deadline=None,
     database=None,
+    # No shrinking: a replayed sequence meets runs in another state (they finish in
+    # their own time), which Hypothesis reports as a flaky strategy, hiding the
+    # failure it found. The failing sequence is printed as it was.
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck),
 )
 STATELESS = settings(
@@ -213,10 +217,17 @@ def test_every_operation_answers_as_documented(
     fuzz(memory_api, operation_id, mode, STATELESS)
 
 
-def test_stateful_workflows_reach_real_runs(memory_api: Any) -> None:
+@pytest.fixture
+def fresh_api(settings_for_fuzz: Settings) -> Iterator[Any]:
+    """An app of its own: the stateful pass starts from no runs, whatever ran before."""
+    yield load(create_app(settings_for_fuzz)).exclude(operation_id="drain")
+    stop_apps()
+
+
+def test_stateful_workflows_reach_real_runs(fresh_api: Any) -> None:
     """Sequences that follow the links from a created run reach that run: the test
     fails if no linked call ever found its run (the links would be dead)."""
-    workflow = memory_api.as_state_machine()
+    workflow = fresh_api.as_state_machine()
     answered: Counter[tuple[str, int]] = Counter()
 
     class Authenticated(workflow):  # type: ignore[misc, valid-type]

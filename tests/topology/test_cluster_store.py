@@ -203,3 +203,7 @@ def test_quiesce_check_passes_on_a_cluster(redis_cluster: RedisClusterNodes) -> 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "probe key written, read and deleted; scripts loaded" in result.stdout
+    # The topology it found: three masters and their three replicas.
+    assert "mode cluster" in result.stdout, result.stdout
+    assert result.stdout.count("(master)") == 3, result.stdout
+    assert result.stdout.count("(replica)") == 3, result.stdout
