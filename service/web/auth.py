@@ -20,8 +20,8 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from service.schemas import json_encoder
 from service.web import rejections
+from service.web.errors import send_error
 from service.web.rejections import COUNTS_REJECTIONS
 from service.web.state import services_of
 
@@ -52,20 +52,8 @@ def auth_middleware(app: ASGIApp) -> ASGIApp:
 
 
 async def _refuse(send: Send, detail: str) -> None:
-    """A 401 in the shape of every other error, with the challenge RFC 6750 asks for."""
-    body = json_encoder.encode({"status_code": 401, "detail": detail})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b"Bearer"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    """A 401 with the challenge RFC 6750 asks for."""
+    await send_error(send, 401, detail, (b"www-authenticate", b"Bearer"))
 
 
 def _header(scope: Any, name: bytes) -> str | None:

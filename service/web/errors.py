@@ -11,6 +11,7 @@ from typing import Any, Final
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.types import Send
 
 from service.errors import (
     AtCapacity,
@@ -26,6 +27,7 @@ from service.errors import (
     Unavailable,
     UnknownTask,
 )
+from service.schemas import json_encoder
 from service.web.http_metrics import count_unmatched
 
 log = structlog.get_logger(__name__)
@@ -96,3 +98,23 @@ async def after_exception(exc: Exception, scope: Any) -> None:
     count_unmatched(exc, scope)
     if not isinstance(exc, QuiesceError | HTTPException):
         log.error("unhandled_exception", path=scope.get("path"), exc_info=exc)
+
+
+async def send_error(
+    send: Send, status_code: int, detail: str, *headers: tuple[bytes, bytes]
+) -> None:
+    """An error answered by ASGI middleware (before Litestar routes the request), in
+    the shape of every other error."""
+    body = json_encoder.encode({"status_code": status_code, "detail": detail})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -28,7 +28,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 
 from service.metrics import Metrics
-from service.schemas import json_encoder
+from service.web.errors import send_error
 
 #: A refused stream is told to come back after this long; streams end all the time.
 STREAM_RETRY_AFTER_SECONDS: Final = 5
@@ -127,23 +127,9 @@ def _with_body_deadline(receive: Receive, timeout: float, metrics: Metrics) -> R
 
 
 async def _refuse_stream(send: Send, limit: int) -> None:
-    """503 + Retry-After in the shape of every other error."""
-    body = json_encoder.encode(
-        {
-            "status_code": 503,
-            "detail": f"this replica already serves its maximum of {limit} event streams; "
-            "retry later",
-        }
+    await send_error(
+        send,
+        503,
+        f"this replica already serves its maximum of {limit} event streams; retry later",
+        (b"retry-after", str(STREAM_RETRY_AFTER_SECONDS).encode()),
     )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(STREAM_RETRY_AFTER_SECONDS).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -123,7 +123,12 @@ async def test_recent_runs_list_active_and_finished_runs(client: Any) -> None:
     assert body["finished"][0]["finished_at"] is not None
 
     await client.post(f"/v1/runs/{running_id}/cancel")
-    body = (await client.get("/admin/runs")).json()
+    # The cancel is answered once requested; the run ends a moment later.
+    for _ in range(200):
+        body = (await client.get("/admin/runs")).json()
+        if not body["active"]:
+            break
+        await asyncio.sleep(0.01)
     assert body["active"] == []
     assert [(run["run_id"], run["status"], run["reason"]) for run in body["finished"]] == [
         (running_id, "cancelled", "cancelled"),
