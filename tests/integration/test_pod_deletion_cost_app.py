@@ -3,6 +3,7 @@ and an API server that refuses it costs the service nothing but a log line."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,7 +61,12 @@ async def test_the_annotation_follows_the_active_runs(
         cancelled = await client.post(f"/v1/runs/{created.json()['run_id']}/cancel")
         assert cancelled.status_code == 202
         await api.wait_for(annotation_is("0"))
-        text = await metrics_text(client)
+        # The fake server has the value before the client has read its answer.
+        for _ in range(200):
+            text = await metrics_text(client)
+            if metric(text, "quiesce_pod_deletion_cost_updates_total", outcome="updated") == 3:
+                break
+            await asyncio.sleep(0.01)
     assert api.patched_values() == ["0", "1", "0"]
     assert metric(text, "quiesce_pod_deletion_cost_updates_total", outcome="updated") == 3
 
@@ -77,7 +83,11 @@ async def test_a_refusing_api_server_is_logged_and_counted_and_the_app_serves(
             created = await client.post("/v1/runs", json=sleep_body(0.01))
             assert created.status_code == 202, created.text
             assert (await client.get("/readyz")).status_code == 200
-            text = await metrics_text(client)
+            for _ in range(200):  # counted once the client has read the refusal
+                text = await metrics_text(client)
+                if metric(text, "quiesce_pod_deletion_cost_updates_total", outcome="failed"):
+                    break
+                await asyncio.sleep(0.01)
     failed = metric(text, "quiesce_pod_deletion_cost_updates_total", outcome="failed")
     assert failed is not None
     assert failed >= 1
