@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import FlakyStrategyDefinition
 from litestar import Litestar
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
@@ -48,6 +49,8 @@ CHECKS = [
 ]
 #: Examples per operation and mode (positive, negative) of the stateless pass.
 EXAMPLES_PER_OPERATION = 100
+#: Passes of the stateful test that Hypothesis may call flaky before it fails.
+FLAKY_ATTEMPTS = 3
 STATEFUL = settings(
     max_examples=60,
     stateful_step_count=8,
@@ -243,7 +246,17 @@ def test_stateful_workflows_reach_real_runs(fresh_api: Any) -> None:
         def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
             case.validate_response(response, checks=CHECKS, headers=AUTH)
 
-    Authenticated.run(settings=STATEFUL)
+    # Runs end in their own time, so the same sequence can meet a run in another
+    # state when Hypothesis walks it again; it then reports its own bookkeeping as a
+    # "flaky strategy", not a failure of the service. Such a pass is run again (a
+    # real failure fails every attempt, with its own error).
+    for attempt in range(1, FLAKY_ATTEMPTS + 1):
+        try:
+            Authenticated.run(settings=STATEFUL)
+            break
+        except FlakyStrategyDefinition:
+            if attempt == FLAKY_ATTEMPTS:
+                raise
     assert answered["createRun", 202] > 0, answered
     assert answered["getRun", 200] > 0, answered
     assert answered["listEvents", 200] > 0, answered
