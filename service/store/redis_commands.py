@@ -333,39 +333,80 @@ class CommandPipeline:
         The cluster pipeline sends each node's commands, in order, on one connection
         of that node's; a WAIT given that node as its target is sent last in that
         group, so it covers the writes before it there, and counts that node's
-        replicas. A confirmed command is counted only if its key's slot is still on
-        the node it was planned for: one the pipeline had to follow elsewhere
-        (``MOVED``) ran on another node, which no WAIT here covered, so it is
-        reported unconfirmed (a 503 and its undo; the retry is confirmed afresh).
+        replicas. With WAITs in the pipeline the client does not follow ``MOVED`` /
+        ``ASK`` itself (it would re-send a command alone, on another connection,
+        where no WAIT covers it): ``_follow`` does, with a WAIT where it matters.
         """
-        planned: dict[int, str] = {}
-        nodes: dict[str, ClusterNode] = {}
+        planned: dict[int, ClusterNode] = {}
         if any(confirm):
             await cluster.initialize()  # the slot map, before the first command
             for i, args in enumerate(commands):
                 if confirm[i] and (node := _node_of(cluster, args)) is not None:
-                    planned[i] = node.name
-                    nodes[node.name] = node
-        async with cluster.pipeline(transaction=False) as pipe:
-            for args in commands:
-                pipe.execute_command(*args)
-            for node in nodes.values():
-                pipe.execute_command(
-                    "WAIT", self.min_replicas, self.wait_timeout_ms, target_nodes=node
-                )
-            replies = list(await pipe.execute(raise_on_error=False))
-        waits = replies[len(commands) :]
+                    planned[i] = node
+        nodes = {node.name: node for node in planned.values()}
+        sends: list[tuple[Command, ClusterNode | None]] = [(args, None) for args in commands]
+        sends += [(self._wait_command, node) for node in nodes.values()]
+        replies = await _cluster_pipeline(cluster, sends, follow=not nodes)
+        counts = _counts(nodes, replies[len(commands) :])
         del replies[len(commands) :]
-        counts = {
-            name: count if isinstance(count, int) else 0
-            for name, count in zip(nodes, waits, strict=True)
-        }
         acked = [0] * len(commands)
-        for i, name in planned.items():
-            now = _node_of(cluster, commands[i])
-            if now is not None and now.name == name:
-                acked[i] = counts[name]
+        for i, node in planned.items():
+            acked[i] = counts[node.name]
+        if nodes:
+            await self._follow(cluster, commands, confirm, replies, acked)
         return replies, acked
+
+    async def _follow(
+        self,
+        cluster: RedisCluster,
+        commands: list[Command],
+        confirm: list[bool],
+        replies: list[Any],
+        acked: list[int],
+    ) -> None:
+        """Send the redirected commands where Redis said (they did not run).
+
+        An unconfirmed one goes through the cluster client, as it would have in the
+        pipeline. A confirmed one goes to the node named by the redirection (after
+        ``ASKING`` for an ``ASK``; the slot map updated for a ``MOVED``) with a WAIT
+        behind it there. Redirected once more, it stays a refusal (a 503).
+        """
+        again: list[tuple[int, ClusterNode, bool]] = []
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, (MovedError, AskError)):
+                continue
+            if not confirm[i]:
+                try:
+                    replies[i] = await cluster.execute_command(*commands[i])
+                except Exception as exc:  # a reply, as the pipeline gives them
+                    replies[i] = exc
+                continue
+            if isinstance(reply, MovedError):
+                await cluster.nodes_manager.move_slot(reply)
+            node = cluster.get_node(host=reply.host, port=reply.port)
+            if node is not None:
+                again.append((i, node, not isinstance(reply, MovedError)))
+        if not again:
+            return
+        sends: list[tuple[Command, ClusterNode | None]] = []
+        for i, node, asking in again:
+            if asking:
+                sends.append((("ASKING",), node))
+            sends.append((commands[i], node))
+        nodes = {node.name: node for _, node, _ in again}
+        sends += [(self._wait_command, node) for node in nodes.values()]
+        results = await _cluster_pipeline(cluster, sends, follow=False)
+        counts = _counts(nodes, results[len(sends) - len(nodes) :])
+        position = 0
+        for i, node, asking in again:
+            position += asking
+            replies[i] = results[position]
+            acked[i] = counts[node.name]
+            position += 1
+
+    @property
+    def _wait_command(self) -> Command:
+        return ("WAIT", self.min_replicas, self.wait_timeout_ms)
 
     async def _load_scripts(self) -> None:
         if isinstance(self._redis, RedisCluster):
@@ -378,6 +419,27 @@ class CommandPipeline:
             for script in self._scripts.values():
                 pipe.script_load(script.source)
             await pipe.execute()
+
+
+async def _cluster_pipeline(
+    cluster: RedisCluster, sends: list[tuple[Command, ClusterNode | None]], *, follow: bool
+) -> list[Any]:
+    """Replies of one cluster pipeline; a command with a node goes to that node."""
+    async with cluster.pipeline(transaction=False) as pipe:
+        for args, node in sends:
+            if node is None:
+                pipe.execute_command(*args)
+            else:
+                pipe.execute_command(*args, target_nodes=node)
+        return list(await pipe.execute(raise_on_error=False, allow_redirections=follow))
+
+
+def _counts(nodes: dict[str, ClusterNode], replies: list[Any]) -> dict[str, int]:
+    """Each node's WAIT reply as a count (an error counts no replica)."""
+    return {
+        name: count if isinstance(count, int) else 0
+        for name, count in zip(nodes, replies, strict=True)
+    }
 
 
 def _node_of(cluster: RedisCluster, command: Command) -> ClusterNode | None:

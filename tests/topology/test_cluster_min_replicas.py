@@ -184,3 +184,62 @@ async def test_one_pipeline_over_three_masters_judges_each_write_by_its_node(
     assert all(
         outcome == [True] for key, outcome in zip(keys, outcomes, strict=True) if key not in refused
     )
+
+
+def node_id(port: int) -> str:
+    with redis.Redis(port=port) as client:
+        return str(client.execute_command("CLUSTER", "MYID").decode())
+
+
+@contextmanager
+def frozen(nodes: RedisClusterNodes, port: int) -> Iterator[None]:
+    nodes.processes[port].send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        nodes.processes[port].send_signal(signal.SIGCONT)
+
+
+async def test_a_redirected_write_is_confirmed_where_it_ran(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    """A slot being migrated (ASK), then moved (MOVED): the confirmed write runs on
+    the new owner, and that node's replica is the one WAIT counts — with it paused
+    the write is unconfirmed although the old owner's replica is well."""
+    cluster = RedisCluster.from_url(redis_cluster.url)
+    pipeline = CommandPipeline(cluster, scripts=[], timeout=5, min_replicas=1, wait_timeout=0.3)
+    source = redis_cluster.master_of("{asked}")
+    target = next(port for port in redis_cluster.masters() if port != source)
+    target_replica = replica_of(redis_cluster, target)
+    slot = cluster.keyslot("{asked}")
+    try:
+        assert await pipeline.run([("SET", "{asked}:0", "v")], confirm=True) == [True]
+        with redis.Redis(port=source) as src, redis.Redis(port=target) as dst:
+            # Only new keys from here on: every write in the slot is answered ASK.
+            src.delete("{asked}:0")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", node_id(source))
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", node_id(target))
+        assert await pipeline.run([("SET", "{asked}:1", "v")], confirm=True) == [True]
+        with redis.Redis(port=target_replica) as replica:
+            assert b"{asked}:1" in replica.keys("{asked}:*")
+        with (
+            frozen(redis_cluster, target_replica),
+            pytest.raises(StoreUnavailable, match="replicas confirmed"),
+        ):
+            await pipeline.run([("SET", "{asked}:2", "v")], confirm=True)
+        for port in redis_cluster.masters():
+            with redis.Redis(port=port) as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", node_id(target))
+        with (
+            frozen(redis_cluster, target_replica),
+            pytest.raises(StoreUnavailable, match="replicas confirmed"),
+        ):
+            await pipeline.run([("SET", "{asked}:3", "v")], confirm=True)
+        assert await pipeline.run([("SET", "{asked}:4", "v")], confirm=True) == [True]
+        with redis.Redis(port=target_replica) as replica:
+            assert b"{asked}:4" in replica.keys("{asked}:*")
+        # Unconfirmed commands are still followed as the cluster client does.
+        assert await pipeline.run([("GET", "{asked}:4")]) == [b"v"]
+    finally:
+        await pipeline.close()
+        await cluster.aclose()
