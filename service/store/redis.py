@@ -87,7 +87,6 @@ from service.store.base import (
     parse_cursor,
 )
 from service.store.redis_cluster import (
-    RedisModeMismatch,
     ShardedListener,
     cluster_client,
     resolve_topology,
@@ -291,14 +290,6 @@ class RedisRunStore(RedisQueueMethods):
 
     async def _use_cluster(self) -> None:
         """Replace the (unused) single-server clients by the cluster's."""
-        if self._min_replicas:
-            # WAIT counts the replicas of the one node a connection talks to; the
-            # cluster pipeline spreads a batch over several. Refused rather than
-            # pretended.
-            raise RedisModeMismatch(
-                "QUIESCE_REDIS_MIN_REPLICAS: not supported on a Redis Cluster "
-                "(unset it, or use a single server or Sentinel)"
-            )
         await self._commands.close()
         await self._redis.aclose()
         self._layout = KeyLayout(cluster=True)
@@ -314,6 +305,9 @@ class RedisRunStore(RedisQueueMethods):
             scripts=_SCRIPTS.values(),
             timeout=CALL_TIMEOUT_SECONDS,
             max_in_flight=MAX_IN_FLIGHT,
+            # Confirmed per node: a WAIT to every node a confirmed write went to.
+            min_replicas=self._min_replicas,
+            wait_timeout=self._wait_timeout,
         )
         standalone_listener = self._listener
         self._listener = ShardedListener(

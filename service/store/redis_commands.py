@@ -17,7 +17,10 @@ Replica confirmation (``min_replicas`` > 0): a job marked ``confirm`` (a create,
 terminal write) is answered only once ``WAIT min_replicas timeout`` — sent at the end
 of the same pipeline, on the same connection — says that many replicas have every
 write before it; a WAIT that counts fewer fails those jobs with StoreUnavailable (and
-runs their undo), as a lost reply would.
+runs their undo), as a lost reply would. On a cluster, WAIT counts the replicas of the
+one node it is sent to, so every node that received a confirmed write gets its own
+WAIT, last in that node's share of the pipeline (``_run_cluster``); each job is judged
+by its own node's count.
 
 Every job also has a deadline: past it the caller gets StoreUnavailable (a 503, never
 a hang) while the commands may still reach Redis. A job that fails — timed out, a
@@ -36,7 +39,7 @@ from importlib import resources
 from typing import Any, Final
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AskError,
     AuthenticationError,
@@ -223,39 +226,39 @@ class CommandPipeline:
             await self._send(batch)
 
     async def _send(self, batch: list[tuple[Command, _Job, int]]) -> None:
-        wait = any(job.confirm for _, job, _ in batch)
-        unconfirmed: StoreUnavailable | None = None
+        confirm = [job.confirm for _, job, _ in batch]
         try:
-            results, acked = await self._run([command for command, _, _ in batch], wait=wait)
+            results, acked = await self._run([command for command, _, _ in batch], confirm)
             missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
             if missing:
                 # Redis restarted (or flushed its script cache): load and run those again.
                 await self._load_scripts()
-                retried, acked_retry = await self._run([batch[i][0] for i in missing], wait=wait)
-                acked = min(acked, acked_retry)
-                for i, result in zip(missing, retried, strict=True):
-                    results[i] = result
-            if wait and acked < self.min_replicas:
-                unconfirmed = StoreUnavailable(
-                    f"only {acked} of {self.min_replicas} replicas confirmed the write "
-                    f"within {self.wait_timeout_ms} ms (WAIT)"
+                retried, acked_retry = await self._run(
+                    [batch[i][0] for i in missing], [confirm[i] for i in missing]
                 )
-            await self._retry_moving(batch, results)
+                for i, result, count in zip(missing, retried, acked_retry, strict=True):
+                    results[i] = result
+                    acked[i] = count
+            await self._retry_moving(batch, results, acked)
         except UNAVAILABLE_ERRORS as exc:
             results = [StoreUnavailable(f"store unavailable: {exc}")] * len(batch)
+            acked = [self.min_replicas] * len(batch)
         except BaseException as exc:
             # Cancelled (the loop is closing) or a bug: every caller still gets an answer.
             failure = StoreUnavailable(f"store call abandoned: {exc!r}")
             for _, job, index in batch:
                 self._settle(job, index, failure)
             raise
-        for (_, job, index), result in zip(batch, results, strict=True):
-            if unconfirmed is not None and job.confirm and not isinstance(result, BaseException):
-                result = unconfirmed
+        for (_, job, index), result, count in zip(batch, results, acked, strict=True):
+            if job.confirm and count < self.min_replicas and not isinstance(result, BaseException):
+                result = StoreUnavailable(
+                    f"only {count} of {self.min_replicas} replicas confirmed the write "
+                    f"within {self.wait_timeout_ms} ms (WAIT)"
+                )
             self._settle(job, index, _as_unavailable(result))
 
     async def _retry_moving(
-        self, batch: list[tuple[Command, _Job, int]], results: list[Any]
+        self, batch: list[tuple[Command, _Job, int]], results: list[Any], acked: list[int]
     ) -> None:
         """Send again what met a slot being moved, while its callers still wait.
 
@@ -276,9 +279,12 @@ class CommandPipeline:
             if not moving:
                 return
             await asyncio.sleep(MOVING_RETRY_SECONDS)
-            retried, _ = await self._run([batch[i][0] for i in moving], wait=False)
-            for i, result in zip(moving, retried, strict=True):
+            retried, acked_retry = await self._run(
+                [batch[i][0] for i in moving], [batch[i][1].confirm for i in moving]
+            )
+            for i, result, count in zip(moving, retried, acked_retry, strict=True):
                 results[i] = result
+                acked[i] = count
 
     def _settle(self, job: _Job, index: int, result: Any) -> None:
         job.results[index] = result
@@ -297,11 +303,17 @@ class CommandPipeline:
             self._undos.add(undo)
             undo.add_done_callback(self._undos.discard)
 
-    async def _run(self, commands: list[Command], *, wait: bool) -> tuple[list[Any], int]:
-        """The replies, and with ``wait`` how many replicas WAIT counted.
+    async def _run(
+        self, commands: list[Command], confirm: list[bool]
+    ) -> tuple[list[Any], list[int]]:
+        """The replies, and for each command marked in ``confirm`` how many replicas
+        WAIT counted for it (the others' counts mean nothing).
 
         A pipeline is one connection, so the WAIT at its end covers every write in it.
         """
+        if isinstance(self._redis, RedisCluster):
+            return await self._run_cluster(self._redis, commands, confirm)
+        wait = any(confirm)
         async with self._redis.pipeline(transaction=False) as pipe:
             for args in commands:
                 pipe.execute_command(*args)
@@ -309,9 +321,92 @@ class CommandPipeline:
                 pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
             replies = list(await pipe.execute(raise_on_error=False))
         if not wait:
-            return replies, 0
-        acked = replies.pop()
-        return replies, acked if isinstance(acked, int) else 0
+            return replies, [0] * len(commands)
+        count = replies.pop()
+        return replies, [count if isinstance(count, int) else 0] * len(commands)
+
+    async def _run_cluster(
+        self, cluster: RedisCluster, commands: list[Command], confirm: list[bool]
+    ) -> tuple[list[Any], list[int]]:
+        """The cluster pipeline with a WAIT for every node a confirmed command goes to.
+
+        The cluster pipeline sends each node's commands, in order, on one connection
+        of that node's; a WAIT given that node as its target is sent last in that
+        group, so it covers the writes before it there, and counts that node's
+        replicas. With WAITs in the pipeline the client does not follow ``MOVED`` /
+        ``ASK`` itself (it would re-send a command alone, on another connection,
+        where no WAIT covers it): ``_follow`` does, with a WAIT where it matters.
+        """
+        planned: dict[int, ClusterNode] = {}
+        if any(confirm):
+            await cluster.initialize()  # the slot map, before the first command
+            for i, args in enumerate(commands):
+                if confirm[i] and (node := _node_of(cluster, args)) is not None:
+                    planned[i] = node
+        nodes = {node.name: node for node in planned.values()}
+        sends: list[tuple[Command, ClusterNode | None]] = [(args, None) for args in commands]
+        sends += [(self._wait_command, node) for node in nodes.values()]
+        replies = await _cluster_pipeline(cluster, sends, follow=not nodes)
+        counts = _counts(nodes, replies[len(commands) :])
+        del replies[len(commands) :]
+        acked = [0] * len(commands)
+        for i, node in planned.items():
+            acked[i] = counts[node.name]
+        if nodes:
+            await self._follow(cluster, commands, confirm, replies, acked)
+        return replies, acked
+
+    async def _follow(
+        self,
+        cluster: RedisCluster,
+        commands: list[Command],
+        confirm: list[bool],
+        replies: list[Any],
+        acked: list[int],
+    ) -> None:
+        """Send the redirected commands where Redis said (they did not run).
+
+        An unconfirmed one goes through the cluster client, as it would have in the
+        pipeline. A confirmed one goes to the node named by the redirection (after
+        ``ASKING`` for an ``ASK``; the slot map updated for a ``MOVED``) with a WAIT
+        behind it there. Redirected once more, it stays a refusal (a 503).
+        """
+        again: list[tuple[int, ClusterNode, bool]] = []
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, (MovedError, AskError)):
+                continue
+            if not confirm[i]:
+                try:
+                    replies[i] = await cluster.execute_command(*commands[i])
+                except Exception as exc:  # a reply, as the pipeline gives them
+                    replies[i] = exc
+                continue
+            if isinstance(reply, MovedError):
+                await cluster.nodes_manager.move_slot(reply)
+            node = cluster.get_node(host=reply.host, port=reply.port)
+            if node is not None:
+                again.append((i, node, not isinstance(reply, MovedError)))
+        if not again:
+            return
+        sends: list[tuple[Command, ClusterNode | None]] = []
+        for i, node, asking in again:
+            if asking:
+                sends.append((("ASKING",), node))
+            sends.append((commands[i], node))
+        nodes = {node.name: node for _, node, _ in again}
+        sends += [(self._wait_command, node) for node in nodes.values()]
+        results = await _cluster_pipeline(cluster, sends, follow=False)
+        counts = _counts(nodes, results[len(sends) - len(nodes) :])
+        position = 0
+        for i, node, asking in again:
+            position += asking
+            replies[i] = results[position]
+            acked[i] = counts[node.name]
+            position += 1
+
+    @property
+    def _wait_command(self) -> Command:
+        return ("WAIT", self.min_replicas, self.wait_timeout_ms)
 
     async def _load_scripts(self) -> None:
         if isinstance(self._redis, RedisCluster):
@@ -324,6 +419,44 @@ class CommandPipeline:
             for script in self._scripts.values():
                 pipe.script_load(script.source)
             await pipe.execute()
+
+
+async def _cluster_pipeline(
+    cluster: RedisCluster, sends: list[tuple[Command, ClusterNode | None]], *, follow: bool
+) -> list[Any]:
+    """Replies of one cluster pipeline; a command with a node goes to that node."""
+    async with cluster.pipeline(transaction=False) as pipe:
+        for args, node in sends:
+            if node is None:
+                pipe.execute_command(*args)
+            else:
+                pipe.execute_command(*args, target_nodes=node)
+        return list(await pipe.execute(raise_on_error=False, allow_redirections=follow))
+
+
+def _counts(nodes: dict[str, ClusterNode], replies: list[Any]) -> dict[str, int]:
+    """Each node's WAIT reply as a count (an error counts no replica)."""
+    return {
+        name: count if isinstance(count, int) else 0
+        for name, count in zip(nodes, replies, strict=True)
+    }
+
+
+def _node_of(cluster: RedisCluster, command: Command) -> ClusterNode | None:
+    """The primary that owns the slot of the command's (first) key, as known now."""
+    name = str(command[0]).upper()
+    if name in ("EVALSHA", "EVAL"):
+        if int(command[2]) == 0:
+            return None
+        key = command[3]
+    elif len(command) > 1:
+        key = command[1]
+    else:
+        return None
+    try:
+        return cluster.get_node_from_key(key)
+    except RedisClusterException:
+        return None  # the slot has no owner now (a failover under way)
 
 
 def _as_unavailable(result: Any) -> Any:
