@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
@@ -257,7 +257,13 @@ async def _probe(redis: Redis, key: str, *, min_replicas: int, wait_timeout_ms: 
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(key, value, px=PROBE_TTL_MS)
             if min_replicas:
-                pipe.execute_command("WAIT", min_replicas, wait_timeout_ms)
+                # On a cluster, the replicas of the node that holds the probe key.
+                where: dict[str, Any] = (
+                    {"target_nodes": redis.get_node_from_key(key)}
+                    if isinstance(redis, RedisCluster)
+                    else {}
+                )
+                pipe.execute_command("WAIT", min_replicas, wait_timeout_ms, **where)
             replies = await pipe.execute()
     except ReadOnlyError as exc:
         raise CheckFailed(f"the server refused a write (a read-only replica?): {exc}") from exc

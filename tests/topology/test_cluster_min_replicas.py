@@ -9,7 +9,10 @@ WAIT time out — what a lagging or partitioned replica looks like to its master
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -26,7 +29,7 @@ from service.scheduler import run_id_for_key
 from service.store.redis_commands import CommandPipeline
 from service.store.redis_keys import run_key, worker_runs_key
 from service.web.app import create_app
-from tests.conftest import AUTH
+from tests.conftest import AUTH, REPO
 from tests.integration.support import sleep_body, wait_for_run
 from tests.topology.cluster import RedisClusterNodes
 from tests.topology.conftest import wait_for
@@ -243,3 +246,31 @@ async def test_a_redirected_write_is_confirmed_where_it_ran(
     finally:
         await pipeline.close()
         await cluster.aclose()
+
+
+def _check(nodes: RedisClusterNodes) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "QUIESCE_REDIS_URL": nodes.url,
+        "QUIESCE_REDIS_MIN_REPLICAS": "1",
+        # The longest confirmation allowed: the replicas share two busy cores.
+        "QUIESCE_REDIS_WAIT_TIMEOUT_SECONDS": "1.5",
+        "QUIESCE_API_TOKEN": "t" * 32,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "service", "check"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_quiesce_check_confirms_its_probe_on_the_replica_of_its_node(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    passed = _check(redis_cluster)
+    assert passed.returncode == 0, passed.stderr
+    assert "confirmed by 1 replicas" in passed.stdout, passed.stdout
+    with replicas_frozen(redis_cluster):
+        refused = _check(redis_cluster)
+    assert refused.returncode == 1, refused.stdout
+    assert "replicas confirmed the probe write" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
