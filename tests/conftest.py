@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -183,9 +183,16 @@ def build_store(store_kind: str, request: pytest.FixtureRequest, **kwargs: Any) 
 
 
 @pytest.fixture
-async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[RunStore]:
+def new_store(store_kind: str, request: pytest.FixtureRequest) -> Callable[[], RunStore]:
+    """Makes a new, unstarted store of ``store_kind`` (a module testing other
+    topologies overrides this, and every store fixture and test below follows)."""
+    return lambda: build_store(store_kind, request)
+
+
+@pytest.fixture
+async def store(new_store: Callable[[], RunStore]) -> AsyncIterator[RunStore]:
     """Each store in turn, started, closed after the test."""
-    instance = build_store(store_kind, request)
+    instance = new_store()
     await instance.start()
     yield instance
     await instance.close()

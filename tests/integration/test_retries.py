@@ -73,14 +73,6 @@ def flaky_request(
     )
 
 
-@pytest.fixture
-async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[RunStore]:
-    instance = build_store(store_kind, request)
-    await instance.start()
-    yield instance
-    await instance.close()
-
-
 Replica = Callable[..., Awaitable[Scheduler]]
 
 

@@ -7,6 +7,7 @@ store, one Redis server and a 3-master, 3-replica Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -249,20 +250,21 @@ async def test_cancel_request_outcomes(store: RunStore) -> None:
 
 
 async def test_cancel_request_reaches_the_owners_listener_only(
-    store_kind: str, request: pytest.FixtureRequest
+    store_kind: str, new_store: Callable[[], RunStore]
 ) -> None:
     # Two stores on one backend stand for two replicas (the memory store is one process).
-    owner_store, other_store = await _replica_pair(store_kind, request)
+    owner_store = new_store()
+    other_store = owner_store if store_kind == "memory" else new_store()
     owner, other = Listener(), Listener()
     owner_store.listen_for_cancels("worker-a", owner)
     other_store.listen_for_cancels("worker-b", other)
     try:
         await owner_store.start()
         await other_store.start()
-        await asyncio.sleep(0.1)  # both subscribed
+        await asyncio.sleep(0.2)  # both subscribed
         record = await created(owner_store, worker_id="worker-a")
         assert await other_store.request_cancel(record.run_id) is CancelOutcome.REQUESTED
-        await asyncio.wait_for(owner.notified.wait(), 1.0)
+        await asyncio.wait_for(owner.notified.wait(), 2.0)
         assert owner.cancelled == [record.run_id]
         await asyncio.sleep(0.1)
         assert other.cancelled == []
@@ -283,17 +285,3 @@ async def test_a_watcher_is_woken_by_new_events(store: RunStore) -> None:
         waiter = asyncio.create_task(watch.wait())
         await store.finalize(terminal(record, "succeeded"))
         await asyncio.wait_for(waiter, 1.0)
-
-
-async def _replica_pair(
-    store_kind: str, request: pytest.FixtureRequest
-) -> tuple[RunStore, RunStore]:
-    from service.store.memory import MemoryRunStore
-    from service.store.redis import RedisRunStore
-
-    if store_kind == "memory":
-        shared = MemoryRunStore(retention_seconds=3600)
-        return shared, shared
-    fixture = "redis_cluster" if store_kind == "cluster" else "redis_server"
-    url = request.getfixturevalue(fixture).url
-    return RedisRunStore(url, retention_seconds=3600), RedisRunStore(url, retention_seconds=3600)
