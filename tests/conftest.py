@@ -26,7 +26,7 @@ from service.store import RunStore
 from service.store.memory import MemoryRunStore
 from service.store.redis import RedisRunStore
 from service.web.app import create_app
-from tests.topology.cluster import RedisClusterNodes, free_cluster_ports
+from tests.topology.cluster import RedisClusterNodes, running_cluster
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -126,15 +126,8 @@ def redis_server(redis_session: RedisServer) -> RedisServer:
 @pytest.fixture(scope="session")
 def redis_cluster_session() -> Iterator[RedisClusterNodes]:
     """A 3-master, 3-replica Redis Cluster for the session, torn down even on failure."""
-    nodes = RedisClusterNodes(
-        server=require_tool("redis-server"),
-        cli=require_tool("redis-cli"),
-        ports=free_cluster_ports(6),
-    )
-    nodes.start()
-    yield nodes
-    nodes.stop()
-    shutil.rmtree(nodes.directory, ignore_errors=True)
+    with running_cluster(require_tool("redis-server"), require_tool("redis-cli")) as nodes:
+        yield nodes
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ to force a failover, and ``restart`` brings a killed node back as a replica.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,3 +167,15 @@ class RedisClusterNodes:
                 process.kill()
                 process.wait()
         self.processes.clear()
+
+
+@contextlib.contextmanager
+def running_cluster(server: str, cli: str) -> Iterator[RedisClusterNodes]:
+    """Six nodes on free ports, joined; stopped and removed even when a test fails."""
+    nodes = RedisClusterNodes(server=server, cli=cli, ports=free_cluster_ports(6))
+    nodes.start()
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+        shutil.rmtree(nodes.directory, ignore_errors=True)

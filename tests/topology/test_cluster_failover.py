@@ -19,7 +19,6 @@ assertions).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -33,7 +32,7 @@ from service.store.redis import CALL_TIMEOUT_SECONDS
 from service.web.app import create_app
 from tests.conftest import AUTH, require_tool
 from tests.integration.support import Client, events_of, raw_get, sleep_body
-from tests.topology.cluster import RedisClusterNodes, free_cluster_ports
+from tests.topology.cluster import RedisClusterNodes, running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.topology]
 
@@ -51,15 +50,8 @@ RESTART_AFTER_SECONDS = 3.0
 @pytest.fixture
 def failover_cluster() -> Iterator[RedisClusterNodes]:
     """A cluster of its own: each test breaks it."""
-    nodes = RedisClusterNodes(
-        server=require_tool("redis-server"),
-        cli=require_tool("redis-cli"),
-        ports=free_cluster_ports(6),
-    )
-    nodes.start()
-    yield nodes
-    nodes.stop()
-    shutil.rmtree(nodes.directory, ignore_errors=True)
+    with running_cluster(require_tool("redis-server"), require_tool("redis-cli")) as nodes:
+        yield nodes
 
 
 @dataclass
