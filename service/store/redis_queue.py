@@ -65,6 +65,9 @@ QUEUE_SCRIPTS: Final = {name: LuaScript.load(name) for name in QUEUE_SCRIPT_NAME
 LISTENER_BACKOFF_MAX_SECONDS: Final = 2.0
 #: How long the "queued" notice may take; a late one only delays adoption to a poll.
 PUBLISH_TIMEOUT: Final = 1.0
+#: How long close() waits for the listener to take its cancellation before it closes
+#: the listener's socket under it.
+LISTENER_CLOSE_TIMEOUT_SECONDS: Final = 0.5
 
 Call = Callable[[str, list[Command]], Awaitable[list[Any]]]
 
@@ -118,15 +121,26 @@ class RedisQueue:
         #: Its own connection for the "queued" notifications (no hidden retries).
         self._client = client
         self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._closing = False
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="quiesce-queue-listener")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        self._closing = True
+        listener = self._listener
+        if listener is not None:
+            listener.cancel()
+            _, pending = await asyncio.wait({listener}, timeout=LISTENER_CLOSE_TIMEOUT_SECONDS)
+            if pending:
+                # A cancellation that lands inside redis-py's timed read can be lost
+                # (seen on Python 3.11: close() then waited forever); closing the
+                # socket under the read ends it, and the loop checks _closing.
+                if self._pubsub is not None and self._pubsub.connection is not None:
+                    await self._pubsub.connection.disconnect(nowait=True)
+                listener.cancel()
+                await asyncio.wait({listener})
         await self._client.aclose()
 
     # --- requeue --------------------------------------------------------------------
@@ -298,13 +312,13 @@ class RedisQueue:
         """Wake adopters on ``quiesce:queued``; Pub/Sub is at-most-once, so adopters
         also poll (slowly) and a lost connection only delays adoption to that poll."""
         backoff = 0.1
-        while True:
-            pubsub = self._client.pubsub()
+        while not self._closing:
+            pubsub = self._pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(QUEUED_CHANNEL)
                 backoff = 0.1
                 self._notified.set()  # something may have been queued while away
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
                     if message is not None:
                         self._notified.set()
