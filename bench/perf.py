@@ -25,6 +25,8 @@ from perf_table import Options, Row, render
 
 #: Every section, in the order they run.
 SECTIONS = ("create", "peers", "events", "fanout", "runs", "start")
+#: The sections that drive their servers with wrk.
+WRK_SECTIONS = frozenset({"create", "peers"})
 EXIT_SECTION_FAILED = 1
 EXIT_USAGE = 2
 
@@ -42,14 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None or shutil.which("redis-server") is None:
-        print("wrk and redis-server must be on PATH (apt-get install -y wrk redis-server)")
+    names = args.only or SECTIONS
+    tools = ["redis-server", *(["wrk"] if WRK_SECTIONS.intersection(names) else [])]
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        print(f"not on PATH: {', '.join(missing)} (Debian: apt-get install -y {' '.join(missing)})")
         return EXIT_USAGE
     options = Options(smoke=args.smoke, keep_logs=args.keep_logs)
     started = datetime.datetime.now(datetime.UTC)
     rows: list[Row] = []
     failed: list[str] = []
-    for name in args.only or SECTIONS:
+    for name in names:
         try:
             module = importlib.import_module(f"perf_{name}")
         except ModuleNotFoundError as exc:
@@ -62,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             section_rows = module.run(options)
         except Exception:
-            traceback.print_exc()
+            traceback.print_exc(file=sys.stdout)
             print(f"section {name}: FAILED (above)", flush=True)
             failed.append(name)
             continue
         rows.extend(section_rows)
         print(
-            f"section {name}: {len(section_rows)} rows in {time.monotonic() - began:.0f} s",
+            f"section {name}: {len(section_rows)} row{'s' * (len(section_rows) != 1)} "
+            f"in {time.monotonic() - began:.0f} s",
             flush=True,
         )
     print()

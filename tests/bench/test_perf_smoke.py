@@ -50,7 +50,7 @@ def test_perf_smoke_runs_every_section_and_prints_the_table() -> None:
     present = [name for name in GOALS if (BENCH / f"perf_{name}.py").is_file()]
     assert "create" in present
     for name in present:
-        match = re.search(rf"^section {name}: (\d+) rows in", done.stdout, re.MULTILINE)
+        match = re.search(rf"^section {name}: (\d+) rows? in", done.stdout, re.MULTILINE)
         assert match, f"section {name} did not report its rows\n{output}"
         assert int(match.group(1)) >= GOALS[name], output
     assert len(rows) >= sum(GOALS[name] for name in present), output
