@@ -16,26 +16,22 @@ the median over the rounds.
 admission and persistence only, not for executing and finalizing the runs.
 
 Usage: .venv/bin/python bench/create_throughput.py [--rounds 3] [--duration 10] [--seconds 0]
+       [--idempotency]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
+import secrets
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
 import httpx
 import msgspec
-from support import BENCH_DIR, Processes, Started, median
+from support import BENCH_DIR, Processes, Started, median, post_accepted, wrk
 
-BODY = b'{"task":"sleep","input":{"seconds":0}}'
-LUA = BENCH_DIR / "post_create.lua"
 AIM = 0.70
 
 
@@ -59,22 +55,6 @@ class Target:
     rounds: list[Round] = field(default_factory=list)
 
 
-def wrk(
-    url: str, *, seconds: float, connections: int, threads: int, body: bytes = BODY
-) -> dict[str, int]:
-    argv = [
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s",
-        "-s", str(LUA), url,
-    ]  # fmt: skip
-    env = {**os.environ, "BENCH_BODY": body.decode()}
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
-    match = re.search(r"^WRK_RESULT (\{.*\})$", done.stdout, re.MULTILINE)
-    if done.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    result: dict[str, int] = json.loads(match.group(1))
-    return result
-
-
 def measure(target: Target, args: argparse.Namespace) -> Round:
     url = f"{target.server.url}/v1/runs"
     cpu_before = target.server.cpu_seconds()
@@ -85,6 +65,7 @@ def measure(target: Target, args: argparse.Namespace) -> Round:
         connections=args.connections,
         threads=args.threads,
         body=args.body,
+        key_prefix=secrets.token_hex(4) if args.idempotency else None,
     )
     cpu = target.server.cpu_seconds() - cpu_before
     redis_cpu = target.redis.cpu_seconds() - redis_before if target.redis else None
@@ -100,20 +81,6 @@ def measure(target: Target, args: argparse.Namespace) -> Round:
         server_cpu_ms_per_req=cpu * 1000 / requests,
         redis_cpu_ms_per_req=None if redis_cpu is None else redis_cpu * 1000 / requests,
     )
-
-
-def sanity_check(target: Target, body: bytes) -> None:
-    """One create must be a 202 before the load starts (a 429 or 401 would skew it)."""
-    response = httpx.post(
-        f"{target.server.url}/v1/runs",
-        content=body,
-        headers={"content-type": "application/json"},
-        timeout=5,
-    )
-    if response.status_code != 202:
-        raise RuntimeError(
-            f"{target.label}: a create answered {response.status_code}: {response.text}"
-        )
 
 
 def runs_finished(target: Target) -> int | None:
@@ -188,6 +155,11 @@ def main() -> int:
         help="the sleep runs' length (default 0: each run executes and finishes at once; "
         "e.g. 3600 measures admission and persistence alone, the runs stay active)",
     )
+    parser.add_argument(
+        "--idempotency",
+        action="store_true",
+        help="every request with its own Idempotency-Key (the key is claimed in the store too)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     args = parser.parse_args()
     args.body = msgspec.json.encode({"task": "sleep", "input": {"seconds": args.seconds}})
@@ -219,7 +191,7 @@ def main() -> int:
             ),
         ]
         for target in targets:
-            sanity_check(target, args.body)
+            post_accepted(f"{target.server.url}/v1/runs", args.body)
         urls = ", ".join(f"{t.key}={t.server.url}" for t in targets)
         print(f"servers: {urls}; logs in {procs.workdir}")
         for target in targets:

@@ -1,5 +1,6 @@
-"""What both benchmarks share: free ports, a private redis-server, Granian servers,
-CPU accounting of a process tree, and cleanup of everything they start.
+"""What the benchmarks share: free ports, a private redis-server, Granian and
+uvicorn servers, wrk, CPU accounting of a process tree, and cleanup of everything
+they start.
 
 Every process is started through a :class:`Processes` instance, used as a context
 manager: on the way out (normal return, exception or Ctrl-C) it stops each process
@@ -10,7 +11,9 @@ no redis-server outlives a benchmark.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -159,18 +162,115 @@ class Processes:
         )
         return started
 
-    def granian_app(self, name: str, factory: str, pythonpath: Path) -> Started:
-        """Another app factory under the same Granian command line as ``quiesce serve``."""
-        from service.cli import APP_FACTORY, granian_argv
-        from service.config import Settings
+    def granian_app(
+        self, name: str, factory: str, pythonpath: Path, env: dict[str, str] | None = None
+    ) -> Started:
+        """Another app factory under the same Granian command line as ``quiesce serve``.
+
+        ``env`` holds the ``QUIESCE_*`` settings the Quiesce server it is compared with
+        gets, so both command lines agree (the event loop above all; see granian_loop).
+        """
+        from service.cli import APP_FACTORY
 
         port = free_port()
-        env = {**base_env(), "PORT": str(port), "PYTHONPATH": str(pythonpath)}
-        argv = granian_argv(Settings.from_env(env), "127.0.0.1")
+        full_env = {**base_env(), "PORT": str(port), "PYTHONPATH": str(pythonpath), **(env or {})}
+        argv = quiesce_granian_argv(full_env)
         argv[argv.index(APP_FACTORY)] = factory
-        started = self.spawn(name, argv, env=env, port=port)
+        started = self.spawn(name, argv, env=full_env, port=port)
         wait_until(lambda: _port_open(port), 30, started, f"{name} did not start listening")
         return started
+
+    def uvicorn_app(
+        self, name: str, app: str, pythonpath: Path, env: dict[str, str] | None = None
+    ) -> Started:
+        """An ASGI app under ``uvicorn`` with its defaults: one worker, and the loop and
+        HTTP parser it picks (uvloop and httptools when installed). Ready once it listens
+        (uvicorn opens the port after the app's lifespan startup)."""
+        port = free_port()
+        full_env = {**base_env(), "PYTHONPATH": str(pythonpath), **(env or {})}
+        argv = [
+            sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+        started = self.spawn(name, argv, env=full_env, port=port)
+        wait_until(lambda: _port_open(port), 30, started, f"{name} did not start listening")
+        return started
+
+    def python_module(
+        self, name: str, argv: list[str], pythonpath: Path, env: dict[str, str] | None = None
+    ) -> Started:
+        """``python -m <argv>`` (e.g. a queue's worker), with no port to wait for."""
+        full_env = {**base_env(), "PYTHONPATH": str(pythonpath), **(env or {})}
+        started = self.spawn(name, [sys.executable, "-m", *argv], env=full_env)
+        time.sleep(0.5)
+        if started.process.poll() is not None:
+            raise RuntimeError(f"{name} exited at once\n{started.log()[-4000:]}")
+        return started
+
+
+def quiesce_granian_argv(env: dict[str, str]) -> list[str]:
+    """The Granian command line ``quiesce serve`` runs with the environment ``env``."""
+    from service.cli import granian_argv
+    from service.config import Settings
+
+    return granian_argv(Settings.from_env(env), "127.0.0.1")
+
+
+#: The settings a caller may give the benchmarked servers through the environment
+#: (``base_env`` drops every other ``QUIESCE_*``): e.g. ``QUIESCE_EVENT_LOOP=asyncio``.
+PASSED_SETTINGS = ("QUIESCE_EVENT_LOOP",)
+
+
+def passed_settings() -> dict[str, str]:
+    return {name: os.environ[name] for name in PASSED_SETTINGS if name in os.environ}
+
+
+def granian_loop(env: dict[str, str] | None = None) -> str:
+    """The event loop ``quiesce serve`` gives Granian with these ``QUIESCE_*`` settings."""
+    argv = quiesce_granian_argv({**base_env(), **(env or {})})
+    return argv[argv.index("--loop") + 1]
+
+
+def wrk(
+    url: str,
+    *,
+    seconds: float,
+    connections: int,
+    threads: int,
+    body: bytes,
+    key_prefix: str | None = None,
+) -> dict[str, int]:
+    """One ``wrk`` run of ``post_create.lua``: its JSON result line, as a dict.
+
+    With ``key_prefix`` every request carries its own ``Idempotency-Key``
+    (``<prefix>-<thread>-<n>``): make the prefix unique per run against one store.
+    """
+    argv = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s",
+        "-s", str(BENCH_DIR / "post_create.lua"), url,
+    ]  # fmt: skip
+    env = {**os.environ, "BENCH_BODY": body.decode()}
+    env.pop("BENCH_KEY_PREFIX", None)
+    if key_prefix is not None:
+        env["BENCH_KEY_PREFIX"] = key_prefix
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    match = re.search(r"^WRK_RESULT (\{.*\})$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    result: dict[str, int] = json.loads(match.group(1))
+    return result
+
+
+def post_accepted(url: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """One create must be a 202 before a load starts (a 429 or 401 would skew it)."""
+    response = httpx.post(
+        url,
+        content=body,
+        headers={"content-type": "application/json", **(headers or {})},
+        timeout=5,
+    )
+    if response.status_code != 202:
+        raise RuntimeError(f"{url}: a create answered {response.status_code}: {response.text}")
 
 
 def base_env() -> dict[str, str]:
