@@ -28,7 +28,7 @@ from service.web.app import create_app
 from tests.conftest import AUTH, RedisServer
 from tests.integration.support import Client, sleep_body
 from tests.integration.test_redis_outage import freeze
-from tests.integration.test_store_contract import created, progress
+from tests.integration.test_store_contract import created, progress, terminal
 
 #: Longer than a store call's 2 s limit, so calls made during it give up and are retried.
 STALL_SECONDS = 8.0
@@ -70,6 +70,49 @@ async def test_an_append_repeated_with_its_sequence_number_is_written_once(
     assert second != first
     assert await store.append(record.run_id, progress(1), seq=1) == second  # the last one's id
     assert await steps_of(store, record.run_id) == ["run_started", 1, 2]
+
+
+async def test_a_batch_sent_again_with_more_events_appends_only_the_new_ones(
+    store: RunStore,
+) -> None:
+    record = await created(store)
+    first = await store.append_many(record.run_id, [progress(1), progress(2)], first_seq=1)
+    assert first is not None
+    # The same batch again (its first send landed after all), now with two more.
+    batch = [progress(step) for step in (1, 2, 3, 4)]
+    last = await store.append_many(record.run_id, batch, first_seq=1)
+    assert last is not None
+    assert last != first
+    assert await store.append_many(record.run_id, batch[:3], first_seq=1) == last
+    assert await steps_of(store, record.run_id) == ["run_started", 1, 2, 3, 4]
+    events = await store.events(record.run_id, after=None, limit=10)
+    assert events is not None
+    assert events[-1].id == last
+
+
+async def test_a_batch_is_refused_whole_once_the_run_has_ended(store: RunStore) -> None:
+    record = await created(store)
+    assert await store.append_many(record.run_id, [progress(1)], first_seq=1) is not None
+    assert await store.finalize(terminal(record, "succeeded")) is True
+    batch = [progress(step) for step in (2, 3)]
+    assert await store.append_many(record.run_id, batch, first_seq=2) is None
+    assert await steps_of(store, record.run_id) == ["run_started", 1, "run_succeeded"]
+
+
+async def test_a_task_emitting_faster_than_the_store_writes_keeps_every_event_in_order(
+    store: RunStore,
+) -> None:
+    record = await created(store)
+    loop = asyncio.get_running_loop()
+    outbox = ProgressOutbox(
+        store, record.run_id, deadline=loop.time() + 60, now=utcnow, capacity=50
+    )
+    for step in range(1, 501):  # ten times the outbox: emit waits for room, batches go out
+        assert await outbox.emit({"step": step}) is True
+    await outbox.close()
+    assert outbox.pending == 0
+    assert await store.finalize(terminal(record, "succeeded")) is True
+    assert await steps_of(store, record.run_id) == ["run_started", *range(1, 501), "run_succeeded"]
 
 
 async def test_emit_returns_during_a_stall_and_waits_only_when_the_outbox_is_full(
