@@ -127,8 +127,10 @@ class ProgressOutbox:
         delay = RETRY_FIRST_SECONDS
         pending = self._pending
         # At most half the outbox per write: while one batch is on its way, the task
-        # can queue the next (one write in flight per run keeps the order).
-        most = max(self._capacity // 2, 1)
+        # can queue the next (one write in flight per run keeps the order). A write
+        # that did not make it in time is tried again at half the size (large events
+        # on a slow link), down to one event; each success doubles it back.
+        largest = most = max(self._capacity // 2, 1)
         try:
             while pending:
                 batch = pending[:most]
@@ -149,8 +151,13 @@ class ProgressOutbox:
                         )
                     await asyncio.sleep(min(delay, left))
                     delay = min(delay * 2, RETRY_MAX_SECONDS)
+                    most = max(most // 2, 1)
                     continue
-                except Exception as exc:  # the store refused these events (e.g. a bug)
+                except Exception as exc:  # the store refused an event (e.g. too large)
+                    if len(batch) > 1:
+                        # Send the batch in halves, until the one refused is alone.
+                        most = max(len(batch) // 2, 1)
+                        continue
                     log.warning(
                         "progress_refused",
                         run_id=self._run_id,
@@ -163,6 +170,7 @@ class ProgressOutbox:
                     log.info("progress_resumed", run_id=self._run_id, pending=len(pending))
                     delay = RETRY_FIRST_SECONDS
                 del pending[: len(batch)]
+                most = min(most * 2, largest)
                 self._refused = cursor is None
                 self._wake()
         finally:

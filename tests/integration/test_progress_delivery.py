@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import structlog
 from litestar.testing import AsyncTestClient
+from redis.exceptions import ResponseError
 
 from service.config import Settings
 from service.progress import ProgressOutbox
-from service.schemas import event_type, utcnow
+from service.schemas import RunProgress, event_type, utcnow
 from service.store import RunStore
 from service.store.redis import RedisRunStore
 from service.web.app import create_app
@@ -113,6 +114,43 @@ async def test_a_task_emitting_faster_than_the_store_writes_keeps_every_event_in
     assert outbox.pending == 0
     assert await store.finalize(terminal(record, "succeeded")) is True
     assert await steps_of(store, record.run_id) == ["run_started", *range(1, 501), "run_succeeded"]
+
+
+class RefusingStore:
+    """A store that refuses (as Redis refuses a command) any batch holding an event
+    marked ``bad``; everything else goes to the real store."""
+
+    def __init__(self, inner: RunStore) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+
+    async def append_many(
+        self, run_id: str, events: Sequence[RunProgress], *, first_seq: int | None = None
+    ) -> str | None:
+        self.batches.append(len(events))
+        if any(event.data.get("bad") for event in events):
+            raise ResponseError("ERR refused")
+        return await self.inner.append_many(run_id, events, first_seq=first_seq)
+
+
+async def test_an_event_the_store_refuses_is_dropped_alone(store: RunStore) -> None:
+    record = await created(store)
+    refusing = RefusingStore(store)
+    loop = asyncio.get_running_loop()
+    outbox = ProgressOutbox(
+        refusing,  # type: ignore[arg-type]
+        record.run_id,
+        deadline=loop.time() + 60,
+        now=utcnow,
+    )
+    with structlog.testing.capture_logs() as logs:
+        for step in range(1, 41):
+            await outbox.emit({"step": step, "bad": step == 17})
+        await outbox.close()
+    assert [e["seq"] for e in logs if e["event"] == "progress_refused"] == [17]
+    steps = await steps_of(store, record.run_id)
+    assert steps == ["run_started", *(step for step in range(1, 41) if step != 17)]
+    assert refusing.batches[0] == 40  # one batch, until the refusal split it
 
 
 async def test_emit_returns_during_a_stall_and_waits_only_when_the_outbox_is_full(

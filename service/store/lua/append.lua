@@ -25,7 +25,19 @@ local seq = first
 local id = false
 for i = 5, #ARGV do
   if first == 0 or seq > last then
-    id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
+    local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
+    if type(added) == 'table' and added.err then
+      -- Refused midway: what was appended stays recorded (a retry does not repeat
+      -- it), and the caller gets the error.
+      if id then
+        if first > 0 then
+          redis.call('HSET', KEYS[1], 'seq', seq - 1, 'seq_id', id)
+        end
+        redis.call(ARGV[4], ARGV[2], id)
+      end
+      return added
+    end
+    id = added
   end
   seq = seq + 1
 end
