@@ -25,7 +25,7 @@ from service.tasks.base import Task
 CancelReason = Literal["user", "shutdown", "timeout"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ActiveRun:
     record: RunRecord
     task: Task[Any]
@@ -44,11 +44,34 @@ class ActiveRun:
     fingerprint: str | None = None
     #: The terminal write has been answered (won or lost); nothing more to write.
     settled: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: It has left the table (its slot is free).
+    released: bool = False
+    #: What :meth:`when_released` handed out and is not resolved yet (made on demand:
+    #: ten thousand runs that nobody waits for hold none).
+    _waiters: list[asyncio.Future[None]] | None = field(default=None, init=False, repr=False)
 
     @property
     def run_id(self) -> str:
         return self.record.run_id
+
+    def when_released(self) -> asyncio.Future[None]:
+        """A future resolved once the run has left the table (a new one per call, so
+        cancelling it concerns only its caller)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.released:
+            future.set_result(None)
+        elif self._waiters is None:
+            self._waiters = [future]
+        else:
+            self._waiters.append(future)
+        return future
+
+    def mark_released(self) -> None:
+        self.released = True
+        waiters, self._waiters = self._waiters, None
+        for future in waiters or ():
+            if not future.done():
+                future.set_result(None)
 
 
 class ActiveRuns:
@@ -106,7 +129,7 @@ class ActiveRuns:
             del self._runs[active.run_id]
             self._metrics.active_runs.set(len(self._runs))
             self.on_change()
-        active.done.set()
+        active.mark_released()
 
 
 def _nothing() -> None:

@@ -172,7 +172,7 @@ class Drain:
     async def _wait_for_runs(self, until: Callable[[], float]) -> None:
         """Until every run present now is done, or the loop time ``until()`` (which a
         shortened grace moves earlier)."""
-        waits = [run.done.wait() for run in self._runs]
+        waits = [run.when_released() for run in self._runs]
         if not waits:
             return
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Final
 
 import msgspec
@@ -109,16 +110,19 @@ class Supervisor:
             attempt=active.record.attempt,
         )
         work: asyncio.Task[Any] = asyncio.create_task(active.task.fn(context, active.params))
-        active.wake = loop.create_future()
+        # One future wakes the supervisor: the function's end, a stop request or the
+        # deadline (a timer). (asyncio.wait would do the same with machinery of its
+        # own that every run holds for its whole life.)
+        wake = active.wake = loop.create_future()
+        work.add_done_callback(partial(_resolve, wake))
+        timer = loop.call_at(active.deadline, _resolve, wake)
         try:
-            await asyncio.wait(
-                [work, active.wake],
-                timeout=max(0.0, active.deadline - loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            await wake
         except asyncio.CancelledError:
             work.cancel()
             raise
+        finally:
+            timer.cancel()
         if work.done():
             return _finished_record(active, work, self._now())
         reason: CancelReason = active.cancel_reason or "timeout"
@@ -130,6 +134,11 @@ class Supervisor:
         if not work.done():
             log.warning("task_ignored_cancellation", waited_seconds=CANCEL_WAIT_SECONDS)
         return stopped_record(active, reason, self._now())
+
+
+def _resolve(future: asyncio.Future[None], *_: object) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _finished_record(active: ActiveRun, work: asyncio.Task[Any], now: datetime) -> RunRecord:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -181,6 +181,19 @@ class RunStore(Protocol):
         or below the last one appended is not appended again, and the cursor of the
         last sequenced event is returned. A caller that was told StoreUnavailable can
         therefore send the same event again without risking a duplicate.
+        """
+
+    async def append_many(
+        self, run_id: str, events: Sequence[RunProgress], *, first_seq: int | None = None
+    ) -> str | None:
+        """Append progress events in order, as one write (a run's outbox sends whatever
+        is waiting this way); the cursor of the last one appended, or None when the run
+        is already terminal.
+
+        With ``first_seq`` the events are numbered ``first_seq``, ``first_seq + 1``, …
+        and each is idempotent as in :meth:`append`: a batch sent again, whole or
+        with more events after it, appends only the numbers not appended yet (when
+        none is new, the cursor of the last sequenced event is returned).
         """
 
     async def finalize(self, record: RunRecord) -> bool:

@@ -17,7 +17,7 @@ import heapq
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,14 +162,24 @@ class MemoryRunStore:
     async def append(
         self, run_id: str, event: RunProgress, *, seq: int | None = None
     ) -> str | None:
+        return await self.append_many(run_id, (event,), first_seq=seq)
+
+    async def append_many(
+        self, run_id: str, events: Sequence[RunProgress], *, first_seq: int | None = None
+    ) -> str | None:
         entry = self._live(run_id)
         if entry is None or entry.record is None or entry.record.is_terminal:
             return None
-        if seq is not None and seq <= entry.seq:
-            return entry.seq_id  # a repeat, as in Redis
-        cursor = self._add_event(entry, event)
-        if seq is not None:
-            entry.seq, entry.seq_id = seq, cursor
+        cursor: str | None = None
+        for offset, event in enumerate(events):
+            seq = None if first_seq is None else first_seq + offset
+            if seq is not None and seq <= entry.seq:
+                continue  # a repeat, as in Redis
+            cursor = self._add_event(entry, event)
+            if seq is not None:
+                entry.seq, entry.seq_id = seq, cursor
+        if cursor is None:
+            return entry.seq_id or None
         return cursor
 
     async def finalize(self, record: RunRecord) -> bool:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable, Collection, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, Final
@@ -492,14 +492,24 @@ class RedisRunStore(RedisQueueMethods):
     async def append(
         self, run_id: str, event: RunProgress, *, seq: int | None = None
     ) -> str | None:
-        args = [
-            json_encoder.encode(event),
-            self._max_events,
-            self._layout.events_channel(run_id),
-            seq or 0,
-            self._layout.publish,
-        ]
-        command = _script("append", [run_key(run_id), events_key(run_id)], args)
+        return await self.append_many(run_id, (event,), first_seq=seq)
+
+    async def append_many(
+        self, run_id: str, events: Sequence[RunProgress], *, first_seq: int | None = None
+    ) -> str | None:
+        # One script call for the whole batch (see lua/append.lua).
+        encode = json_encoder.encode
+        command = _script(
+            "append",
+            [run_key(run_id), events_key(run_id)],
+            [
+                self._max_events,
+                self._layout.events_channel(run_id),
+                first_seq or 0,
+                self._layout.publish,
+                *[encode(event) for event in events],
+            ],
+        )
         (reply,) = await self._call("append", [command])
         if reply == -1:
             # The run is gone: if the store was reset, it is written back; then again.

@@ -11,24 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import structlog
 from litestar.testing import AsyncTestClient
+from redis.exceptions import ResponseError
 
 from service.config import Settings
 from service.progress import ProgressOutbox
-from service.schemas import event_type, utcnow
+from service.schemas import RunProgress, event_type, utcnow
 from service.store import RunStore
 from service.store.redis import RedisRunStore
 from service.web.app import create_app
 from tests.conftest import AUTH, RedisServer
 from tests.integration.support import Client, sleep_body
 from tests.integration.test_redis_outage import freeze
-from tests.integration.test_store_contract import created, progress
+from tests.integration.test_store_contract import created, progress, terminal
 
 #: Longer than a store call's 2 s limit, so calls made during it give up and are retried.
 STALL_SECONDS = 8.0
@@ -70,6 +71,86 @@ async def test_an_append_repeated_with_its_sequence_number_is_written_once(
     assert second != first
     assert await store.append(record.run_id, progress(1), seq=1) == second  # the last one's id
     assert await steps_of(store, record.run_id) == ["run_started", 1, 2]
+
+
+async def test_a_batch_sent_again_with_more_events_appends_only_the_new_ones(
+    store: RunStore,
+) -> None:
+    record = await created(store)
+    first = await store.append_many(record.run_id, [progress(1), progress(2)], first_seq=1)
+    assert first is not None
+    # The same batch again (its first send landed after all), now with two more.
+    batch = [progress(step) for step in (1, 2, 3, 4)]
+    last = await store.append_many(record.run_id, batch, first_seq=1)
+    assert last is not None
+    assert last != first
+    assert await store.append_many(record.run_id, batch[:3], first_seq=1) == last
+    assert await steps_of(store, record.run_id) == ["run_started", 1, 2, 3, 4]
+    events = await store.events(record.run_id, after=None, limit=10)
+    assert events is not None
+    assert events[-1].id == last
+
+
+async def test_a_batch_is_refused_whole_once_the_run_has_ended(store: RunStore) -> None:
+    record = await created(store)
+    assert await store.append_many(record.run_id, [progress(1)], first_seq=1) is not None
+    assert await store.finalize(terminal(record, "succeeded")) is True
+    batch = [progress(step) for step in (2, 3)]
+    assert await store.append_many(record.run_id, batch, first_seq=2) is None
+    assert await steps_of(store, record.run_id) == ["run_started", 1, "run_succeeded"]
+
+
+async def test_a_task_emitting_faster_than_the_store_writes_keeps_every_event_in_order(
+    store: RunStore,
+) -> None:
+    record = await created(store)
+    loop = asyncio.get_running_loop()
+    outbox = ProgressOutbox(
+        store, record.run_id, deadline=loop.time() + 60, now=utcnow, capacity=50
+    )
+    for step in range(1, 501):  # ten times the outbox: emit waits for room, batches go out
+        assert await outbox.emit({"step": step}) is True
+    await outbox.close()
+    assert outbox.pending == 0
+    assert await store.finalize(terminal(record, "succeeded")) is True
+    assert await steps_of(store, record.run_id) == ["run_started", *range(1, 501), "run_succeeded"]
+
+
+class RefusingStore:
+    """A store that refuses (as Redis refuses a command) any batch holding an event
+    marked ``bad``; everything else goes to the real store."""
+
+    def __init__(self, inner: RunStore) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+
+    async def append_many(
+        self, run_id: str, events: Sequence[RunProgress], *, first_seq: int | None = None
+    ) -> str | None:
+        self.batches.append(len(events))
+        if any(event.data.get("bad") for event in events):
+            raise ResponseError("ERR refused")
+        return await self.inner.append_many(run_id, events, first_seq=first_seq)
+
+
+async def test_an_event_the_store_refuses_is_dropped_alone(store: RunStore) -> None:
+    record = await created(store)
+    refusing = RefusingStore(store)
+    loop = asyncio.get_running_loop()
+    outbox = ProgressOutbox(
+        refusing,  # type: ignore[arg-type]
+        record.run_id,
+        deadline=loop.time() + 60,
+        now=utcnow,
+    )
+    with structlog.testing.capture_logs() as logs:
+        for step in range(1, 41):
+            await outbox.emit({"step": step, "bad": step == 17})
+        await outbox.close()
+    assert [e["seq"] for e in logs if e["event"] == "progress_refused"] == [17]
+    steps = await steps_of(store, record.run_id)
+    assert steps == ["run_started", *(step for step in range(1, 41) if step != 17)]
+    assert refusing.batches[0] == 40  # one batch, until the refusal split it
 
 
 async def test_emit_returns_during_a_stall_and_waits_only_when_the_outbox_is_full(
