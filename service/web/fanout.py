@@ -3,8 +3,9 @@
 A thousand streams of one run used to mean a thousand reads of the store and a
 thousand encodings of every event. Here the first stream of a run starts that run's
 :class:`Feed`: one task that holds the run's store watch (one subscription), reads
-each new page of events once when notified, encodes every event once into its SSE
-frame (bytes) and wakes the streams. Each stream — a :class:`Follower` — keeps its
+each new page of events once when notified — or, once its watch is live, takes the
+events the notices themselves carry, with no read at all — encodes every event once
+into its SSE frame (bytes) and wakes the streams. Each stream — a :class:`Follower` — keeps its
 own cursor and takes the frames after it from the feed. When the last stream of a
 run leaves, its feed stops (and unsubscribes).
 
@@ -107,35 +108,52 @@ class Feed:
         store, run_id = self.store, self.run_id
         try:
             async with store.watch(run_id) as watch:
+                read = True
                 while True:
-                    head = self.keys[-1] if self.keys else self.base
-                    events = await store.events(run_id, after=_cursor(head), limit=PAGE_SIZE)
-                    if events is None:  # expired, or the store lost it (an empty restart)
-                        self._fail(RUN_GONE)
-                        return
-                    if events:
-                        self._add(events)
-                        if self.done:
+                    if read:
+                        watch.carried()  # what the notices carried so far, the read has
+                        head = self.keys[-1] if self.keys else self.base
+                        events = await store.events(run_id, after=_cursor(head), limit=PAGE_SIZE)
+                        if events is None:  # expired, or the store lost it (an empty restart)
+                            self._fail(RUN_GONE)
                             return
-                        if len(events) == PAGE_SIZE:
-                            continue
-                    elif ended:
-                        # Terminal, and nothing after the base: nothing can follow.
-                        self.done = True
-                        self._wake()
-                        return
-                    else:
-                        self._wake()
-                        record = await store.get(run_id)
-                        if record is None or record.is_terminal:
-                            # It may have ended just after the read above: read once
-                            # more, so its terminal event is sent (status and event are
-                            # written together, so the next read sees it).
-                            ended = True
-                            continue
+                        if events:
+                            self._add(events)
+                            if self.done:
+                                return
+                            if len(events) == PAGE_SIZE:
+                                continue
+                        elif ended:
+                            # Terminal, and nothing after the base: nothing can follow.
+                            self.done = True
+                            self._wake()
+                            return
+                        else:
+                            self._wake()
+                            record = await store.get(run_id)
+                            if record is None or record.is_terminal:
+                                # It may have ended just after the read above: read
+                                # once more, so its terminal event is sent (status and
+                                # event are written together, so the next read sees it).
+                                ended = True
+                                continue
                     await watch.wait()
+                    # The notices since the read carried their events: no read needed.
+                    read = not (watch.exact and self._carry(watch.carried()))
+                    if self.done:
+                        return
         except StoreUnavailable:  # a read failed, or the store's notifications were lost
             self._fail(STORE_UNAVAILABLE)
+
+    def _carry(self, carried: list[Event] | None) -> bool:
+        """Add the events the notices carried; False when they cannot replace a read."""
+        if not carried:  # a notice without its event, or a wake-up with none (a resync)
+            return False
+        head = self.keys[-1] if self.keys else self.base
+        new = [event for event in carried if parse_cursor(event.id) > head]
+        if new:
+            self._add(new)
+        return True
 
     def _add(self, events: list[Event]) -> None:
         for event in events:

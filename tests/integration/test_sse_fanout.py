@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service.schemas import Event
+from service.schemas import Event, RunProgress, utcnow
 from service.store import RunStore
 from service.store.redis import RedisRunStore
 from service.web import fanout
@@ -165,3 +165,48 @@ async def test_a_thousand_streams_of_a_run_hold_one_subscription(
         assert chunks[-1].startswith(b"retry: 1000\n")
     with redis_server.client() as client:
         assert client.pubsub_numsub(channel) == [(channel.encode(), 0)]
+
+
+async def test_events_carried_by_their_notices_are_sent_without_a_read(store: RunStore) -> None:
+    record = await created(store)
+    counting = CountingStore(store)
+    feeds = EventFeeds(counting)  # type: ignore[arg-type]
+    stream = event_stream(
+        counting,  # type: ignore[arg-type]
+        record.run_id,
+        after=None,
+        draining=asyncio.Event(),
+        feeds=feeds,
+    )
+    (reader,) = await opened([stream])
+    await asyncio.sleep(0.2)  # replayed, subscribed, waiting
+    reads_before = counting.reads
+    for step in range(1, 6):
+        await store.append(record.run_id, progress(step))
+        await asyncio.sleep(0.05)
+    await store.finalize(terminal(record, "succeeded"))
+    chunks = await reader
+    events = await store.events(record.run_id, after=None, limit=100)
+    assert events is not None
+    assert ids_in(chunks) == [event.id for event in events]
+    assert b"event: run_succeeded" in chunks[-1]
+    assert counting.reads == reads_before
+
+
+async def test_an_event_too_large_for_its_notice_is_read_from_the_store(
+    redis_store: RedisRunStore,
+) -> None:
+    record = await created(redis_store)
+    stream = event_stream(redis_store, record.run_id, after=None, draining=asyncio.Event())
+    (reader,) = await opened([stream])
+    await asyncio.sleep(0.2)
+    await redis_store.append(record.run_id, progress(1))
+    large = RunProgress(created_at=utcnow(), data={"blob": "x" * 10_000})
+    await redis_store.append(record.run_id, large)
+    await redis_store.append(record.run_id, progress(3))
+    await redis_store.finalize(terminal(record, "succeeded"))
+    chunks = await reader
+    events = await redis_store.events(record.run_id, after=None, limit=100)
+    assert events is not None
+    assert ids_in(chunks) == [event.id for event in events]
+    assert b"x" * 10_000 in b"".join(chunks)

@@ -3,6 +3,8 @@
 -- ARGV[1] event json, ARGV[2] max events, ARGV[3] events channel,
 -- ARGV[4] the event's sequence number within its run (1, 2, ...; 0: none),
 -- ARGV[5] the notifying command (PUBLISH, or SPUBLISH on a cluster)
+-- The notice is "<id> <event json>" (the event it announces, so a watcher need not
+-- read it back), or "<id>" alone for an event over 8 KB.
 -- A sequence number at or below the last one appended is a repeat (its first send
 -- timed out on the client but landed): nothing is appended, and the id of the last
 -- sequenced event is returned.
@@ -23,5 +25,9 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARG
 if seq > 0 then
   redis.call('HSET', KEYS[1], 'seq', seq, 'seq_id', id)
 end
-redis.call(ARGV[5], ARGV[3], id)
+if string.len(ARGV[1]) <= 8192 then
+  redis.call(ARGV[5], ARGV[3], id .. ' ' .. ARGV[1])
+else
+  redis.call(ARGV[5], ARGV[3], id)
+end
 return id
