@@ -110,32 +110,35 @@ class NotificationListener:
     async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
         channel = self._events_channel_for(run_id)
         watch = Watch()
-        async with self._lock:
-            watches = self._watches.setdefault(channel, set())
-            watches.add(watch)
-            confirmation = self._confirmations.get(channel)
-            if confirmation is None and self._pubsub is not None:
-                confirmation = await self._subscribe(self._pubsub, channel)
-        if confirmation is not None:
-            # Once Redis confirms, nothing published to the channel can be missed.
-            # Without a confirmation the next reconnect wakes this watcher instead.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_TIMEOUT_SECONDS)
-                watch.exact = True
+        watches: set[Watch] | None = None
         try:
+            async with self._lock:
+                watches = self._watches.setdefault(channel, set())
+                watches.add(watch)
+                confirmation = self._confirmations.get(channel)
+                if confirmation is None and self._pubsub is not None:
+                    confirmation = await self._subscribe(self._pubsub, channel)
+            if confirmation is not None:
+                # Once Redis confirms, nothing published to the channel can be missed.
+                # Without a confirmation the next reconnect wakes this watcher instead.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_TIMEOUT_SECONDS)
+                    watch.exact = True
             yield watch
         finally:
-            async with self._lock:
-                watches.discard(watch)
-                if not watches:
-                    del self._watches[channel]
-                    self._confirmations.pop(channel, None)
-                    if self._pubsub is not None:
-                        with contextlib.suppress(*UNAVAILABLE_ERRORS):
-                            if self._sharded:
-                                await self._pubsub.sunsubscribe(channel)
-                            else:
-                                await self._pubsub.unsubscribe(channel)
+            # Also when cancelled while subscribing: no watcher is left behind.
+            if watches is not None:
+                async with self._lock:
+                    watches.discard(watch)
+                    if not watches and self._watches.get(channel) is watches:
+                        del self._watches[channel]
+                        self._confirmations.pop(channel, None)
+                        if self._pubsub is not None:
+                            with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                                if self._sharded:
+                                    await self._pubsub.sunsubscribe(channel)
+                                else:
+                                    await self._pubsub.unsubscribe(channel)
 
     async def _subscribe(self, pubsub: PubSub, channel: str) -> asyncio.Future[None] | None:
         """Send SUBSCRIBE (under the lock, so sends stay in state order)."""

@@ -8,6 +8,8 @@ show up as one read per stream instead of one per new event.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -210,3 +212,31 @@ async def test_an_event_too_large_for_its_notice_is_read_from_the_store(
     assert events is not None
     assert ids_in(chunks) == [event.id for event in events]
     assert b"x" * 10_000 in b"".join(chunks)
+
+
+@pytest.mark.slow
+async def test_a_watch_cancelled_while_subscribing_leaves_no_subscription(
+    redis_store: RedisRunStore, redis_server: RedisServer
+) -> None:
+    """A stream closed while Redis has not confirmed its subscription yet (a client
+    that leaves at once, a slow Redis): the run's channel is not left subscribed."""
+    record = await created(redis_store)
+    channel = f"quiesce:events:{record.run_id}"
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+
+    async def watch_forever() -> None:
+        async with redis_store.watch(record.run_id):
+            await asyncio.sleep(3600)
+
+    os.kill(pid, signal.SIGSTOP)  # the SUBSCRIBE is sent, its confirmation never comes
+    try:
+        task = asyncio.create_task(watch_forever())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.wait({task})
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.sleep(3.5)  # also past a reconnect of the listener, which resubscribes
+    with redis_server.client() as client:
+        assert client.pubsub_numsub(channel) == [(channel.encode(), 0)]
