@@ -31,10 +31,14 @@ from bisect import bisect_right
 from collections.abc import AsyncIterator
 from typing import Final
 
+import structlog
+
 from service.errors import StoreUnavailable
 from service.schemas import Event, event_type, is_terminal_event, json_encoder
 from service.store import RunStore
 from service.store.base import parse_cursor
+
+log = structlog.get_logger(__name__)
 
 #: Events read from the store at once.
 PAGE_SIZE: Final = 200
@@ -143,6 +147,11 @@ class Feed:
                     if self.done:
                         return
         except StoreUnavailable:  # a read failed, or the store's notifications were lost
+            self._fail(STORE_UNAVAILABLE)
+        except Exception:
+            # Its streams must not wait for a reader that is gone: they end with a
+            # retry hint (and the reconnect starts a new feed).
+            log.exception("event_feed_failed", run_id=run_id)
             self._fail(STORE_UNAVAILABLE)
 
     def _carry(self, carried: list[Event] | None) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from service.schemas import Event, RunProgress, utcnow
 from service.store import RunStore
@@ -240,3 +241,35 @@ async def test_a_watch_cancelled_while_subscribing_leaves_no_subscription(
     await asyncio.sleep(3.5)  # also past a reconnect of the listener, which resubscribes
     with redis_server.client() as client:
         assert client.pubsub_numsub(channel) == [(channel.encode(), 0)]
+
+
+class BrokenReads:
+    """The store, with every read of events failing in an unforeseen way."""
+
+    def __init__(self, store: RunStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def events(self, run_id: str, *, after: str | None, limit: int) -> list[Event] | None:
+        raise RuntimeError("unforeseen")
+
+
+async def test_a_feed_that_fails_unexpectedly_ends_its_streams_with_a_retry_hint(
+    store: RunStore,
+) -> None:
+    record = await created(store)
+    broken = BrokenReads(store)
+    with structlog.testing.capture_logs() as logs:
+        stream = event_stream(
+            broken,  # type: ignore[arg-type]
+            record.run_id,
+            after=None,
+            draining=asyncio.Event(),
+            feeds=EventFeeds(broken),  # type: ignore[arg-type]
+        )
+        (reader,) = await opened([stream])
+        chunks = await reader
+    assert chunks[-1].startswith(b"retry: 1000\n")
+    assert any(entry["event"] == "event_feed_failed" for entry in logs)
