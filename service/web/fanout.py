@@ -5,15 +5,16 @@ thousand encodings of every event. Here the first stream of a run starts that ru
 :class:`Feed`: one task that holds the run's store watch (one subscription), reads
 each new page of events once when notified — or, once its watch is live, takes the
 events the notices themselves carry, with no read at all — encodes every event once
-into its SSE frame (bytes) and wakes the streams. Each stream — a :class:`Follower` — keeps its
-own cursor and takes the frames after it from the feed. When the last stream of a
-run leaves, its feed stops (and unsubscribes).
+into its SSE frame (bytes) and wakes the streams. Each stream — a :class:`Follower`
+— keeps its own cursor and takes the frames after it from the feed. When the last
+stream of a run leaves, its feed stops (and unsubscribes).
 
 A feed holds the frames after its *base*: the cursor of the stream that started it,
-moved forward when the feed drops its oldest frames (it keeps at most
-``WINDOW_FRAMES``). A stream whose cursor is older — a replay from the start, or a
-client too slow to keep up — reads those events from the store itself, page by page,
-until it reaches the feed's frames; from then on it costs no store call at all.
+moved forward when the feed drops its oldest frames (past twice ``WINDOW_FRAMES``
+it keeps the newest ``WINDOW_FRAMES``). A stream whose cursor is older — a replay
+from the start, or a client too slow to keep up — reads those events from the store
+itself, page by page, until it reaches the feed's frames; from then on it costs no
+store call at all.
 
 A feed ends in one of three ways, and its streams with it: the run's terminal event
 (or the run found terminal with nothing after the base: a resume after the end);
