@@ -97,15 +97,33 @@ class EventWatch(Protocol):
         watcher cannot tell any more when to read, so it should stop watching.
         """
 
+    @property
+    def exact(self) -> bool:
+        """Whether every event appended since the watch began comes with a notice
+        (the watch was live before the watcher's first read): only then may the
+        events of ``carried()`` be used instead of a read."""
+
+    def carried(self) -> list[Event] | None:
+        """The events the notices since the last call announced, oldest first (their
+        ids set); None when a notice came without its event (read the store)."""
+
 
 class Watch:
     """The EventWatch both stores hand out: notified by the store, awaited by a stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, exact: bool = False) -> None:
         self._changed = asyncio.Event()
         self._lost = False
+        self._carried: list[Event] | None = []
+        #: Set by the store once notices cannot be missed (see EventWatch.exact).
+        self.exact = exact
 
-    def notify(self) -> None:
+    def notify(self, event: Event | None = None) -> None:
+        """New events: ``event`` when the notice carried the one it announces."""
+        if event is None or self._carried is None:
+            self._carried = None
+        else:
+            self._carried.append(event)
         self._changed.set()
 
     def lose(self) -> None:
@@ -118,6 +136,10 @@ class Watch:
         self._changed.clear()
         if self._lost:
             raise StoreUnavailable("the store's notifications were interrupted")
+
+    def carried(self) -> list[Event] | None:
+        carried, self._carried = self._carried, []
+        return carried
 
 
 class RunStore(Protocol):

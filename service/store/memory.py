@@ -148,7 +148,7 @@ class MemoryRunStore:
     @asynccontextmanager
     async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
         entry = self._live(run_id)
-        watch = Watch()
+        watch = Watch(exact=True)  # notified in the same step as each append
         if entry is not None:
             entry.watches.add(watch)
         try:
@@ -322,12 +322,13 @@ class MemoryRunStore:
         else:
             key = (now_ms, 0)
         cursor = f"{key[0]}-{key[1]}"
-        entry.events.append(msgspec.structs.replace(event, id=cursor))
+        added = msgspec.structs.replace(event, id=cursor)
+        entry.events.append(added)
         entry.keys.append(key)
         if len(entry.events) > self._max_events:
             del entry.events[0], entry.keys[0]
         for watch in entry.watches:
-            watch.notify()
+            watch.notify(added)
         return cursor
 
     def _expire_in(self, run_id: str, entry: _Entry, seconds: float) -> None:

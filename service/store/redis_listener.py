@@ -2,7 +2,9 @@
 
 Event streams are tailed without blocking reads: a watcher of a run subscribes to
 that run's channel (the Lua scripts publish the new event id there after each
-append), waits to be woken, and then reads the stream with an ordinary XRANGE.
+append, followed by the event itself unless it is large), waits to be woken, and
+then takes the events the notices carried — or, when one came without its event,
+reads the stream with an ordinary XRANGE.
 Every watcher of every run in the process shares this one connection, so a
 thousand open SSE streams cost one Redis connection, not a thousand.
 
@@ -27,12 +29,14 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
+import msgspec
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from service.schemas import Event, event_decoder
 from service.store.base import CancelListener, EventWatch, Watch
 from service.store.redis_commands import UNAVAILABLE_ERRORS
 
@@ -106,31 +110,35 @@ class NotificationListener:
     async def watch(self, run_id: str) -> AsyncIterator[EventWatch]:
         channel = self._events_channel_for(run_id)
         watch = Watch()
-        async with self._lock:
-            watches = self._watches.setdefault(channel, set())
-            watches.add(watch)
-            confirmation = self._confirmations.get(channel)
-            if confirmation is None and self._pubsub is not None:
-                confirmation = await self._subscribe(self._pubsub, channel)
-        if confirmation is not None:
-            # Once Redis confirms, nothing published to the channel can be missed.
-            # Without a confirmation the next reconnect wakes this watcher instead.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_TIMEOUT_SECONDS)
+        watches: set[Watch] | None = None
         try:
+            async with self._lock:
+                watches = self._watches.setdefault(channel, set())
+                watches.add(watch)
+                confirmation = self._confirmations.get(channel)
+                if confirmation is None and self._pubsub is not None:
+                    confirmation = await self._subscribe(self._pubsub, channel)
+            if confirmation is not None:
+                # Once Redis confirms, nothing published to the channel can be missed.
+                # Without a confirmation the next reconnect wakes this watcher instead.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_TIMEOUT_SECONDS)
+                    watch.exact = True
             yield watch
         finally:
-            async with self._lock:
-                watches.discard(watch)
-                if not watches:
-                    del self._watches[channel]
-                    self._confirmations.pop(channel, None)
-                    if self._pubsub is not None:
-                        with contextlib.suppress(*UNAVAILABLE_ERRORS):
-                            if self._sharded:
-                                await self._pubsub.sunsubscribe(channel)
-                            else:
-                                await self._pubsub.unsubscribe(channel)
+            # Also when cancelled while subscribing: no watcher is left behind.
+            if watches is not None:
+                async with self._lock:
+                    watches.discard(watch)
+                    if not watches and self._watches.get(channel) is watches:
+                        del self._watches[channel]
+                        self._confirmations.pop(channel, None)
+                        if self._pubsub is not None:
+                            with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                                if self._sharded:
+                                    await self._pubsub.sunsubscribe(channel)
+                                else:
+                                    await self._pubsub.unsubscribe(channel)
 
     async def _subscribe(self, pubsub: PubSub, channel: str) -> asyncio.Future[None] | None:
         """Send SUBSCRIBE (under the lock, so sends stay in state order)."""
@@ -216,8 +224,11 @@ class NotificationListener:
                 run_id = data.decode() if isinstance(data, bytes) else data
                 self._cancel_listener.cancel_requested(run_id)
             return
-        for watch in self._watches.get(channel, ()):
-            watch.notify()
+        watches = self._watches.get(channel)
+        if watches:
+            event = carried_event(data)
+            for watch in watches:
+                watch.notify(event)
 
     def _lose_channel(self, channel: str) -> None:
         self._confirmations.pop(channel, None)
@@ -244,3 +255,17 @@ class NotificationListener:
                 watch.notify()
         if self._cancel_listener is not None:
             self._cancel_listener.resync()
+
+
+def carried_event(data: bytes | str) -> Event | None:
+    """The event a notice ``<id> <event json>`` carries (None for ``<id>`` alone, or
+    anything else: the watcher reads the stream instead)."""
+    raw = data.encode() if isinstance(data, str) else data
+    entry_id, _, payload = raw.partition(b" ")
+    if not payload:
+        return None
+    try:
+        event: Event = event_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return msgspec.structs.replace(event, id=entry_id.decode())

@@ -44,6 +44,7 @@ from service.web import openapi
 from service.web.admin import AdminController
 from service.web.console import console_router
 from service.web.errors import after_exception, handle_quiesce_error
+from service.web.fanout import EventFeeds
 from service.web.http_metrics import http_metrics_middleware
 from service.web.limits import connection_limits
 from service.web.probes import healthz, metrics, readyz
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 lifecycle=lifecycle,
                 callbacks=callbacks,
                 webhook_key=webhook_key,
+                feeds=EventFeeds(store),
             )
             granian_bridge.install(scheduler.drain)
             _log_startup(settings, [t.name for t in registry])

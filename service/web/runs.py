@@ -288,7 +288,11 @@ class RunsController(Controller):
         await _load(services, run_id)
         return Stream(
             event_stream(
-                services.store, run_id, after=cursor, draining=services.scheduler.drain.draining
+                services.store,
+                run_id,
+                after=cursor,
+                draining=services.scheduler.drain.draining,
+                feeds=services.feeds,
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

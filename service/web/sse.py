@@ -9,39 +9,31 @@ routed to a ready replica), when a read of the store fails or the store's
 notifications are lost (the reconnect then gets the ordinary 503 while the store is
 down), or when the run is no longer in the store (the reconnect gets 404) — never
 silently, and never by waiting for the next keep-alive to notice.
+
+Every stream of a run in this process follows that run's one feed
+(``service.web.fanout``): the store is read, and each event encoded, once per run,
+not once per stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Final
 
-import structlog
-
 from service.errors import StoreUnavailable
-from service.schemas import Event, event_type, is_terminal_event, json_encoder
 from service.store import RunStore
+from service.web.fanout import STORE_UNAVAILABLE, EventFeeds, encode_event
 
-log = structlog.get_logger(__name__)
+__all__ = ["KEEPALIVE_SECONDS", "RECONNECT_MS", "encode_event", "event_stream"]
 
 KEEPALIVE_SECONDS: Final = 15.0
 #: Sent when the stream ends early: reconnect after this many milliseconds.
 RECONNECT_MS: Final = 1000
-PAGE_SIZE: Final = 200
 
 _OPENED: Final = b": stream opened\n\n"
 _KEEPALIVE: Final = b": keep-alive\n\n"
-_STORE_UNAVAILABLE: Final = "the store is unavailable; reconnect to continue"
-
-
-def encode_event(event: Event) -> bytes:
-    return (
-        b"id: " + event.id.encode()
-        + b"\nevent: " + event_type(event).encode()
-        + b"\ndata: " + json_encoder.encode(event)
-        + b"\n\n"
-    )  # fmt: skip
+_DRAINING: Final = "this replica is draining; reconnect to continue"
 
 
 def _goodbye(reason: str) -> bytes:
@@ -55,66 +47,41 @@ async def event_stream(
     after: str | None,
     draining: asyncio.Event,
     keepalive_seconds: float = KEEPALIVE_SECONDS,
+    feeds: EventFeeds | None = None,
 ) -> AsyncIterator[bytes]:
-    """Yield the SSE byte chunks for one run (see the module docstring)."""
-    ended = False  # the record was seen terminal after an empty read
-    async with store.watch(run_id) as watch:
-        yield _OPENED
-        while True:
-            if draining.is_set():
-                yield _goodbye("this replica is draining; reconnect to continue")
-                return
-            try:
-                events = await store.events(run_id, after=after, limit=PAGE_SIZE)
-            except StoreUnavailable:
-                yield _goodbye(_STORE_UNAVAILABLE)
-                return
-            if events is None:  # expired, or the store lost it (an empty restart)
-                yield _goodbye("the run is no longer in the store")
-                return
-            for event in events:
-                yield encode_event(event)
-                after = event.id
-                if is_terminal_event(event):
-                    return
-            if len(events) == PAGE_SIZE:
-                continue
-            if not events:
-                if ended:
-                    # Terminal, and nothing after the cursor: the stream was resumed
-                    # after the terminal event. Nothing can follow it.
+    """Yield the SSE byte chunks for one run (see the module docstring).
+
+    ``feeds`` is the process's (one per app); without it the stream has a feed of
+    its own.
+    """
+    if feeds is None:
+        feeds = EventFeeds(store)
+    async with feeds.follow(run_id, after, keepalive_seconds=keepalive_seconds) as follower:
+        on_drain = asyncio.ensure_future(draining.wait())
+        on_drain.add_done_callback(lambda _: follower.wake())
+        try:
+            yield _OPENED
+            while True:
+                if draining.is_set():
+                    yield _goodbye(_DRAINING)
                     return
                 try:
-                    record = await store.get(run_id)
+                    chunk = await follower.take()
                 except StoreUnavailable:
-                    yield _goodbye(_STORE_UNAVAILABLE)
+                    yield _goodbye(STORE_UNAVAILABLE)
                     return
-                if record is None or record.is_terminal:
-                    # It may have ended just after the read above: read once more,
-                    # so its terminal event is sent (status and event are written
-                    # together, so the next read sees it).
-                    ended = True
+                if chunk:
+                    yield chunk
+                if follower.finished:
+                    return
+                if chunk:
                     continue
-            try:
-                woken = await _first_of(watch.wait(), draining.wait(), within=keepalive_seconds)
-            except StoreUnavailable:  # the store's notifications were lost
-                yield _goodbye(_STORE_UNAVAILABLE)
-                return
-            if not woken:
-                yield _KEEPALIVE
-
-
-async def _first_of(*awaitables: Awaitable[object], within: float) -> bool:
-    """Wait for the first to complete; False if none did within the timeout.
-
-    An exception of the first to complete is raised here.
-    """
-    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
-    try:
-        done, _ = await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-    for task in done:
-        task.result()
-    return bool(done)
+                if follower.failure is not None:
+                    yield _goodbye(follower.failure)
+                    return
+                if draining.is_set():
+                    continue
+                if not await follower.wait():
+                    yield _KEEPALIVE
+        finally:
+            on_drain.cancel()

@@ -15,6 +15,7 @@ from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.store import RunStore
 from service.tasks import TaskRegistry
+from service.web.fanout import EventFeeds
 from service.webhooks import WebhookKey
 
 
@@ -30,6 +31,8 @@ class Services:
     callbacks: CallbackSender
     #: Verifies signed webhooks on create, when QUIESCE_WEBHOOK_SECRET is set.
     webhook_key: WebhookKey | None
+    #: One feed per watched run, shared by every event stream of that run.
+    feeds: EventFeeds
 
 
 def services_of(app: Litestar) -> Services:

@@ -11,7 +11,10 @@
 -- event is a repeat, the id of the last sequenced event is returned.
 -- Returns the id of the last event appended, false when the run is terminal, -1 when
 -- the run is gone (the store may have been reset: the caller restores its runs and
--- tries again). One notification for the whole batch, carrying that id.
+-- tries again).
+-- One notification for the whole batch: "<id> <event json>" when the batch appended
+-- one event of at most 8 KB (the event it announces, so a watcher need not read it
+-- back), else "<id>" alone, the last id appended (a watcher reads up to it).
 local state = redis.call('HMGET', KEYS[1], 'status', 'seq', 'seq_id')
 if not state[1] then
   return -1
@@ -23,6 +26,8 @@ local first = tonumber(ARGV[3])
 local last = tonumber(state[2] or '0')
 local seq = first
 local id = false
+local appended = 0
+local only = nil
 for i = 5, #ARGV do
   if first == 0 or seq > last then
     local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
@@ -38,6 +43,8 @@ for i = 5, #ARGV do
       return added
     end
     id = added
+    appended = appended + 1
+    only = ARGV[i]
   end
   seq = seq + 1
 end
@@ -47,5 +54,9 @@ end
 if first > 0 then
   redis.call('HSET', KEYS[1], 'seq', seq - 1, 'seq_id', id)
 end
-redis.call(ARGV[4], ARGV[2], id)
+if appended == 1 and string.len(only) <= 8192 then
+  redis.call(ARGV[4], ARGV[2], id .. ' ' .. only)
+else
+  redis.call(ARGV[4], ARGV[2], id)
+end
 return id

@@ -26,5 +26,10 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARG
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call(ARGV[7], ARGV[6], id)
+-- The notice carries the event, as append's does (see append.lua).
+if string.len(ARGV[3]) <= 8192 then
+  redis.call(ARGV[7], ARGV[6], id .. ' ' .. ARGV[3])
+else
+  redis.call(ARGV[7], ARGV[6], id)
+end
 return 1
