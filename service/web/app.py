@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app from ``settings`` (default: read from the environment)."""
     if settings is None:
         settings = Settings.from_env(os.environ)
+    # In Granian's worker: keep the stop event it creates once this factory returns.
+    granian_bridge.prepare()
     configure_logging(settings.log_format, redactor=Redactor.for_settings(settings))
     egress = EgressPolicy(settings.http_allowed_hosts)
     registry = build_registry(settings, egress)
