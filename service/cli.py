@@ -2,8 +2,9 @@
 
 * ``quiesce serve`` — validate the configuration, then replace this process with
   Granian serving the app, set up for a pod: ASGI interface, 0.0.0.0:$PORT, one
-  worker, the app factory, the asyncio loop, no respawn of a failed worker (a dead
-  worker exits the process, so Kubernetes restarts the pod), and connection limits
+  worker, the app factory, the event loop of ``QUIESCE_EVENT_LOOP`` (uvloop when
+  installed), no respawn of a failed worker (a dead worker exits the process, so
+  Kubernetes restarts the pod), and connection limits
   that leave room for probes beside every stream the replica admits (see
   :func:`granian_backpressure`).
 * ``quiesce check`` — validate the configuration and prove the store works: with
@@ -82,7 +83,7 @@ def granian_argv(settings: Settings, host: str) -> list[str]:
         "--host", host,
         "--port", str(settings.port),
         "--workers", "1",
-        "--loop", "asyncio",
+        "--loop", settings.loop,
         "--no-ws",
         "--backpressure", str(granian_backpressure(settings)),
         "--backlog", str(LISTEN_BACKLOG),

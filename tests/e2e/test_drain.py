@@ -26,13 +26,15 @@ from tests.conftest import RedisServer
 from tests.e2e.conftest import (
     BIN,
     GRACE_SECONDS,
+    ON_EVERY_LOOP,
     Server,
     start_server,
     stop,
     terminal_history,
 )
 
-pytestmark = pytest.mark.e2e
+# Each test runs on the asyncio loop and on uvloop: the bridge must work on both.
+pytestmark = [pytest.mark.e2e, ON_EVERY_LOOP]
 
 #: The contract's bound from the drain's start to the process's exit.
 EXIT_BOUND_SECONDS = GRACE_SECONDS + 2
@@ -230,9 +232,9 @@ async def test_a_drain_over_http_without_sigterm_still_exits_0(server: Server) -
 
 
 async def test_a_second_signal_neither_restarts_nor_extends_the_drain(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, worker_loop: str
 ) -> None:
-    server = start_server(tmp_path, redis_server.url)
+    server = start_server(tmp_path, redis_server.url, worker_loop=worker_loop)
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
             await create_sleep(http, LONG_SECONDS)

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from service.store.redis import RedisRunStore
-from tests.e2e.conftest import Server, terminal_history
+from tests.e2e.conftest import ON_EVERY_LOOP, Server, terminal_history
 from tests.e2e.test_drain import create_sleep, read_stream
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, ON_EVERY_LOOP]
 
 #: The bound the test allows (the service's own is 2 s, see bench/orphan_exit.py).
 EXIT_WITHIN_SECONDS = 5.0
