@@ -1,12 +1,12 @@
 """``quiesce``: the one command a pod, a Procfile and a developer use.
 
-* ``quiesce serve`` — validate the configuration, then replace this process with
-  Granian serving the app, set up for a pod: ASGI interface, 0.0.0.0:$PORT, one
-  worker, the app factory, the event loop of ``QUIESCE_EVENT_LOOP`` (uvloop when
-  installed), no respawn of a failed worker (a dead worker exits the process, so
-  Kubernetes restarts the pod), and connection limits
-  that leave room for probes beside every stream the replica admits (see
-  :func:`granian_backpressure`).
+* ``quiesce serve`` — validate the configuration, then run Granian in this process
+  (it becomes Granian's main process, with the same PID) serving the app, set up
+  for a pod: ASGI interface, 0.0.0.0:$PORT, one worker, the app factory, the event
+  loop of ``QUIESCE_EVENT_LOOP`` (uvloop when installed), no respawn of a failed
+  worker (a dead worker exits the process, so Kubernetes restarts the pod), and
+  connection limits that leave room for probes beside every stream the replica
+  admits (see :func:`granian_backpressure`).
 * ``quiesce check`` — validate the configuration and prove the store works: with
   Redis, a probe key written, read and deleted, every Lua script loaded and one
   called; it prints the Redis version, eviction policy and persistence, and a
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -101,7 +102,7 @@ def raise_fd_limit(needed: int) -> str | None:
 
     Every connection is a file descriptor, and container runtimes often start
     processes with a soft limit of 1,024 — fewer than the streams a replica admits.
-    The limit is inherited by Granian across ``exec``.
+    The limit is inherited by Granian's worker.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard and (hard == resource.RLIM_INFINITY or hard > soft):
@@ -152,6 +153,12 @@ def store_preflight(settings: Settings, timeout: float = PREFLIGHT_TIMEOUT_SECON
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Start-up allocates many objects and frees few, so the collector's passes over
+    # them are wasted work (about a sixth of importing the app). It stays off until
+    # the worker is ready: the worker inherits this when Granian forks it and its
+    # lifespan turns it back on; this process turns it on again once it has forked.
+    gc.disable()
+    os.register_at_fork(after_in_parent=_collect_again)
     from service.granian_bridge import MAIN_PID_ENV
 
     settings = Settings.from_env(os.environ)
@@ -162,11 +169,36 @@ def serve(args: argparse.Namespace) -> int:
     warning = raise_fd_limit(granian_backpressure(settings) + FD_RESERVE)
     if warning is not None:
         print(warning, file=sys.stderr)
-    # exec keeps this PID, so Granian's main process is the PID the bridge is told.
-    env = {**os.environ, MAIN_PID_ENV: str(os.getpid())}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, env)  # noqa: S606 - a fixed argv, no shell
+    # This process becomes Granian's main process: the PID the bridge is told.
+    os.environ[MAIN_PID_ENV] = str(os.getpid())
+    return run_granian(argv)
+
+
+def _collect_again() -> None:
+    """In Granian's main process, after it forked: what start-up built lives as long
+    as the process, so it is left out of the collector's scans from now on."""
+    gc.freeze()
+    gc.enable()
+
+
+def run_granian(argv: list[str]) -> int:
+    """Run ``argv``, Granian's command line, in this process and return its exit code.
+
+    Exactly what ``python -m granian ARGS`` does — the same option parsing, the
+    ``GRANIAN_*`` variables included — without starting a second interpreter: the
+    worker Granian forks inherits what is imported here already (the store's
+    modules, after the store check), which shortens the start.
+    """
+    from granian.cli import cli
+
+    try:
+        cli.main(args=argv[3:], prog_name="granian", auto_envvar_prefix="GRANIAN")
+    except SystemExit as exc:  # how a click command ends
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def check(args: argparse.Namespace) -> int:

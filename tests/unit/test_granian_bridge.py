@@ -14,9 +14,11 @@ from service import granian_bridge
 
 @pytest.fixture
 def granian_signals() -> Iterator[None]:
-    """Leave Granian's module and the bridge as they were."""
+    """Granian's own function to start with (an app built by an earlier test may have
+    left the wrapper in place); Granian's module and the bridge left as they were."""
     original = granian._signals.set_loop_signals
     captured = granian_bridge._captured
+    granian._signals.set_loop_signals = getattr(original, "__wrapped__", original)
     yield
     granian._signals.set_loop_signals = original
     granian_bridge._captured = captured
