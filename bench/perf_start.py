@@ -1,7 +1,9 @@
 """Cold start (serverless scale-from-zero): process start → ready, side by side.
 
 A section of the performance bench (``bench/perf.py``; see ``perf_table.py``), also
-runnable alone: ``.venv/bin/python bench/perf_start.py [--smoke] [--repetitions N]``.
+runnable alone: ``.venv/bin/python bench/perf_start.py [--smoke] [--repetitions N]
+[--compare-with DIR]`` (DIR: another checkout, e.g. the commit before a change, whose
+``quiesce serve`` is started in the same run).
 
 Three commands are started in turn, each from nothing, several times (the order
 rotates every repetition, so none always runs first on a machine that warms up):
@@ -181,17 +183,45 @@ def run(options: Options) -> list[Row]:
     return rows(measure(options, repetitions), smoke=options.smoke)
 
 
+def checkout_commands(checkout: Path) -> Callable[[int], dict[str, Command]]:
+    """``quiesce serve`` of another checkout (e.g. ``git archive REV | tar -x -C DIR``),
+    memory and Redis, run by the same interpreter: a before/after in one run."""
+
+    def more(redis_port: int) -> dict[str, Command]:
+        quiesce = [str(BIN / "quiesce"), "serve", "--host", "127.0.0.1"]
+        env = {"PYTHONPATH": _pythonpath(checkout)}
+        redis = {**env, "QUIESCE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+        return {
+            f"memory @ {checkout.name}": Command(lambda env: quiesce, env, _readyz_200),
+            f"redis @ {checkout.name}": Command(lambda env: quiesce, redis, _readyz_200),
+        }
+
+    return more
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="two repetitions, not judged")
     parser.add_argument("--repetitions", type=int, default=None)
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also start another checkout's quiesce serve (memory and Redis) in the same run",
+    )
     args = parser.parse_args()
     options = Options(smoke=args.smoke, keep_logs=args.keep_logs)
     repetitions = args.repetitions or (SMOKE_REPETITIONS if args.smoke else REPETITIONS)
-    times = measure(options, repetitions)
+    more = checkout_commands(args.compare_with.resolve()) if args.compare_with else None
+    times = measure(options, repetitions, more) if more else measure(options, repetitions)
     for name, values in times.items():
-        print(f"{name}: " + ", ".join(f"{value:.3f}" for value in values), file=sys.stderr)
+        print(
+            f"{name}: median {median(values):.3f} s, {paired_ratio(times, name):.2f}x bare "
+            f"[{', '.join(f'{value:.2f}' for value in values)}]",
+            file=sys.stderr,
+        )
     print(render(rows(times, smoke=options.smoke)))
 
 

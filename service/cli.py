@@ -15,9 +15,10 @@
 * ``quiesce drain`` — the preStop hook: start the drain of the local server and
   wait until it has finished, at most ``--timeout`` seconds.
 
-``quiesce serve`` first checks the store as ``check`` does: a wrong mode, refused
-credentials, a TLS certificate that does not verify or a Redis too old stop it with one
-line naming ``QUIESCE_REDIS_URL`` (exit 2); an unreachable Redis is only a warning.
+``quiesce serve`` first checks the store as ``check`` does (in a child process, while
+it imports the app for the worker): a wrong mode, refused credentials, a TLS
+certificate that does not verify or a Redis too old stop it with one line naming
+``QUIESCE_REDIS_URL`` (exit 2); an unreachable Redis is only a warning.
 
 Exit codes: 0 success; 1 the check or the drain failed; 2 bad configuration.
 """
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import os
 import resource
@@ -35,7 +37,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Final
 
@@ -56,6 +58,9 @@ LISTEN_BACKLOG: Final = 2048
 MAX_HEADER_READ_TIMEOUT_MS: Final = 60_000
 #: File descriptors the worker needs besides its sockets (Redis, logs, modules).
 FD_RESERVE: Final = 256
+#: What ``quiesce serve`` imports before Granian forks the worker (see preload).
+PRELOADED: Final = ("granian.cli", APP_FACTORY.partition(":")[0])
+PRELOADED_WITH_REDIS: Final = ("service.store.redis",)
 #: How long ``quiesce serve`` gives its store check before starting anyway.
 PREFLIGHT_TIMEOUT_SECONDS: Final = 5.0
 
@@ -158,11 +163,14 @@ def serve(args: argparse.Namespace) -> int:
     # the worker is ready: the worker inherits this when Granian forks it and its
     # lifespan turns it back on; this process turns it on again once it has forked.
     gc.disable()
-    os.register_at_fork(after_in_parent=_collect_again)
     from service.granian_bridge import MAIN_PID_ENV
 
     settings = Settings.from_env(os.environ)
-    problem = store_preflight(settings)
+    verdict = start_store_preflight(settings)
+    # Meanwhile (on another core), import what the worker runs: Granian's fork
+    # inherits it, so the worker starts with nothing left to import.
+    preload(settings)
+    problem = verdict()
     if problem is not None:
         raise ConfigError(f"QUIESCE_REDIS_URL: {' '.join(problem.split())}")
     argv = granian_argv(settings, args.host)
@@ -171,7 +179,57 @@ def serve(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     # This process becomes Granian's main process: the PID the bridge is told.
     os.environ[MAIN_PID_ENV] = str(os.getpid())
+    os.register_at_fork(after_in_parent=_collect_again)
     return run_granian(argv)
+
+
+def start_store_preflight(settings: Settings) -> Callable[[], str | None]:
+    """Start :func:`store_preflight` in a child process; the result waits for its verdict.
+
+    Nothing listens before the verdict is in. The check runs beside the imports of
+    :func:`preload`, instead of before them. (A child that reports nothing, having
+    crashed, leaves the check to this process.)
+    """
+    if settings.redis_url is None:
+        return lambda: None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without this process's exit handlers
+        os.close(read_end)
+        report: dict[str, str | None] = {}
+        try:
+            report["problem"] = store_preflight(settings)
+        except ConfigError as exc:
+            report["config_error"] = str(exc)
+        finally:
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(json.dumps(report).encode())
+            sys.stderr.flush()
+            os._exit(0)
+    os.close(write_end)
+
+    def verdict() -> str | None:
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        os.waitpid(pid, 0)
+        report = json.loads(data) if data else {}
+        if "config_error" in report:
+            raise ConfigError(report["config_error"])
+        if "problem" not in report:
+            return store_preflight(settings)
+        problem: str | None = report["problem"]
+        return problem
+
+    return verdict
+
+
+def preload(settings: Settings) -> None:
+    """Import the app (and the store it opens) ahead of Granian's fork of the worker."""
+    modules = [*PRELOADED, *(PRELOADED_WITH_REDIS if settings.redis_url is not None else ())]
+    for name in modules:
+        importlib.import_module(name)
 
 
 def _collect_again() -> None:
