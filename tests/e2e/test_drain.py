@@ -55,8 +55,9 @@ async def create_sleep(http: httpx.AsyncClient, seconds: float) -> str:
     return run_id
 
 
-async def read_stream(url: str, run_id: str) -> StreamResult:
-    """Follow a run's event stream until the server ends it."""
+async def read_stream(url: str, run_id: str, replayed: asyncio.Event | None = None) -> StreamResult:
+    """Follow a run's event stream until the server ends it; ``replayed`` is set once
+    the run's ``run_started`` event has arrived."""
     chunks = []
     async with (
         httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=60.0)) as http,
@@ -65,6 +66,8 @@ async def read_stream(url: str, run_id: str) -> StreamResult:
         assert response.status_code == 200
         async for chunk in response.aiter_text():
             chunks.append(chunk)
+            if replayed is not None and "event: run_started" in "".join(chunks):
+                replayed.set()
     return StreamResult(text="".join(chunks), ended_at=time.time())
 
 
