@@ -17,9 +17,11 @@ rotates every repetition, so none always runs first on a machine that warms up):
   starts (its store check before Granian starts included).
 
 The time is from just before the process is started to that answer, polled every
-few milliseconds; each process is then stopped before the next starts. Each row
-gives the medians of a Quiesce command and of the bare one in the same run, and the
-median of their ratios within each repetition (see :func:`paired_ratio`).
+few milliseconds; each process is then stopped before the next starts. Each command
+is started once, unmeasured, before the repetitions (bytecode compiled, files in the
+page cache: what a replica started from an image finds). Each row gives the medians
+of a Quiesce command and of the bare one in the same run, and the median of their
+ratios within each repetition (see :func:`paired_ratio`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,10 @@ def measure(
         started = {**commands(redis.port), **more(redis.port)}
         names = list(started)
         times: dict[str, list[float]] = {name: [] for name in names}
+        for name in names:  # not measured: bytecode written, files in the page cache
+            command = started[name]
+            env = {**base_env(), "PORT": str(free_port()), **command.env}
+            _time_to_ready(procs, f"{name}-warm-up", command.argv(env), env, command.ready)
         for repetition in range(repetitions):
             shift = repetition % len(names)
             for name in names[shift:] + names[:shift]:
