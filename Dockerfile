@@ -62,6 +62,6 @@ EXPOSE 8000
 # QUIESCE_SHUTDOWN_GRACE_SECONDS to finish, then the process exits 0.
 STOPSIGNAL SIGTERM
 
-# Exec form, no shell: `quiesce serve` validates the configuration and then execs
-# Granian in its place, so Granian is PID 1 and receives the stop signal itself.
+# Exec form, no shell: `quiesce serve` validates the configuration and then runs
+# Granian in the same process, so Granian is PID 1 and receives the stop signal itself.
 CMD ["quiesce", "serve"]

@@ -1,11 +1,12 @@
 """``quiesce``: the one command a pod, a Procfile and a developer use.
 
-* ``quiesce serve`` — validate the configuration, then replace this process with
-  Granian serving the app, set up for a pod: ASGI interface, 0.0.0.0:$PORT, one
-  worker, the app factory, the asyncio loop, no respawn of a failed worker (a dead
-  worker exits the process, so Kubernetes restarts the pod), and connection limits
-  that leave room for probes beside every stream the replica admits (see
-  :func:`granian_backpressure`).
+* ``quiesce serve`` — validate the configuration, then run Granian in this process
+  (it becomes Granian's main process, with the same PID) serving the app, set up
+  for a pod: ASGI interface, 0.0.0.0:$PORT, one worker, the app factory, the event
+  loop of ``QUIESCE_EVENT_LOOP`` (uvloop when installed), no respawn of a failed
+  worker (a dead worker exits the process, so Kubernetes restarts the pod), and
+  connection limits that leave room for probes beside every stream the replica
+  admits (see :func:`granian_backpressure`).
 * ``quiesce check`` — validate the configuration and prove the store works: with
   Redis, a probe key written, read and deleted, every Lua script loaded and one
   called; it prints the Redis version, eviction policy and persistence, and a
@@ -14,9 +15,10 @@
 * ``quiesce drain`` — the preStop hook: start the drain of the local server and
   wait until it has finished, at most ``--timeout`` seconds.
 
-``quiesce serve`` first checks the store as ``check`` does: a wrong mode, refused
-credentials, a TLS certificate that does not verify or a Redis too old stop it with one
-line naming ``QUIESCE_REDIS_URL`` (exit 2); an unreachable Redis is only a warning.
+``quiesce serve`` first checks the store as ``check`` does (in a child process, while
+it imports the app for the worker): a wrong mode, refused credentials, a TLS
+certificate that does not verify or a Redis too old stop it with one line naming
+``QUIESCE_REDIS_URL`` (exit 2); an unreachable Redis is only a warning.
 
 Exit codes: 0 success; 1 the check or the drain failed; 2 bad configuration.
 """
@@ -26,6 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
+import importlib
 import json
 import os
 import resource
@@ -33,7 +37,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Final
 
@@ -54,6 +58,9 @@ LISTEN_BACKLOG: Final = 2048
 MAX_HEADER_READ_TIMEOUT_MS: Final = 60_000
 #: File descriptors the worker needs besides its sockets (Redis, logs, modules).
 FD_RESERVE: Final = 256
+#: What ``quiesce serve`` imports before Granian forks the worker (see preload).
+PRELOADED: Final = ("granian.cli", APP_FACTORY.partition(":")[0])
+PRELOADED_WITH_REDIS: Final = ("service.store.redis",)
 #: How long ``quiesce serve`` gives its store check before starting anyway.
 PREFLIGHT_TIMEOUT_SECONDS: Final = 5.0
 
@@ -82,7 +89,7 @@ def granian_argv(settings: Settings, host: str) -> list[str]:
         "--host", host,
         "--port", str(settings.port),
         "--workers", "1",
-        "--loop", "asyncio",
+        "--loop", settings.loop,
         "--no-ws",
         "--backpressure", str(granian_backpressure(settings)),
         "--backlog", str(LISTEN_BACKLOG),
@@ -100,7 +107,7 @@ def raise_fd_limit(needed: int) -> str | None:
 
     Every connection is a file descriptor, and container runtimes often start
     processes with a soft limit of 1,024 — fewer than the streams a replica admits.
-    The limit is inherited by Granian across ``exec``.
+    The limit is inherited by Granian's worker.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard and (hard == resource.RLIM_INFINITY or hard > soft):
@@ -151,21 +158,105 @@ def store_preflight(settings: Settings, timeout: float = PREFLIGHT_TIMEOUT_SECON
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Start-up allocates many objects and frees few, so the collector's passes over
+    # them are wasted work (about a sixth of importing the app). It stays off until
+    # the worker is ready: the worker inherits this when Granian forks it and its
+    # lifespan turns it back on; this process turns it on again once it has forked.
+    gc.disable()
     from service.granian_bridge import MAIN_PID_ENV
 
     settings = Settings.from_env(os.environ)
-    problem = store_preflight(settings)
+    verdict = start_store_preflight(settings)
+    # Meanwhile (on another core), import what the worker runs: Granian's fork
+    # inherits it, so the worker starts with nothing left to import.
+    preload(settings)
+    problem = verdict()
     if problem is not None:
         raise ConfigError(f"QUIESCE_REDIS_URL: {' '.join(problem.split())}")
     argv = granian_argv(settings, args.host)
     warning = raise_fd_limit(granian_backpressure(settings) + FD_RESERVE)
     if warning is not None:
         print(warning, file=sys.stderr)
-    # exec keeps this PID, so Granian's main process is the PID the bridge is told.
-    env = {**os.environ, MAIN_PID_ENV: str(os.getpid())}
+    # This process becomes Granian's main process: the PID the bridge is told.
+    os.environ[MAIN_PID_ENV] = str(os.getpid())
+    os.register_at_fork(after_in_parent=_collect_again)
+    return run_granian(argv)
+
+
+def start_store_preflight(settings: Settings) -> Callable[[], str | None]:
+    """Start :func:`store_preflight` in a child process; the result waits for its verdict.
+
+    Nothing listens before the verdict is in. The check runs beside the imports of
+    :func:`preload`, instead of before them. (A child that reports nothing, having
+    crashed, leaves the check to this process.)
+    """
+    if settings.redis_url is None:
+        return lambda: None
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, env)  # noqa: S606 - a fixed argv, no shell
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without this process's exit handlers
+        os.close(read_end)
+        report: dict[str, str | None] = {}
+        try:
+            report["problem"] = store_preflight(settings)
+        except ConfigError as exc:
+            report["config_error"] = str(exc)
+        finally:
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(json.dumps(report).encode())
+            sys.stderr.flush()
+            os._exit(0)
+    os.close(write_end)
+
+    def verdict() -> str | None:
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        os.waitpid(pid, 0)
+        report = json.loads(data) if data else {}
+        if "config_error" in report:
+            raise ConfigError(report["config_error"])
+        if "problem" not in report:
+            return store_preflight(settings)
+        problem: str | None = report["problem"]
+        return problem
+
+    return verdict
+
+
+def preload(settings: Settings) -> None:
+    """Import the app (and the store it opens) ahead of Granian's fork of the worker."""
+    modules = [*PRELOADED, *(PRELOADED_WITH_REDIS if settings.redis_url is not None else ())]
+    for name in modules:
+        importlib.import_module(name)
+
+
+def _collect_again() -> None:
+    """In Granian's main process, after it forked: what start-up built lives as long
+    as the process, so it is left out of the collector's scans from now on."""
+    gc.freeze()
+    gc.enable()
+
+
+def run_granian(argv: list[str]) -> int:
+    """Run ``argv``, Granian's command line, in this process and return its exit code.
+
+    Exactly what ``python -m granian ARGS`` does — the same option parsing, the
+    ``GRANIAN_*`` variables included — without starting a second interpreter: the
+    worker Granian forks inherits what is imported here already (the store's
+    modules, after the store check), which shortens the start.
+    """
+    from granian.cli import cli
+
+    try:
+        cli.main(args=argv[3:], prog_name="granian", auto_envvar_prefix="GRANIAN")
+    except SystemExit as exc:  # how a click command ends
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def check(args: argparse.Namespace) -> int:

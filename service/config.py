@@ -8,6 +8,7 @@ say so in its first log line, not fail later in a request.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -23,6 +24,9 @@ LogFormat = Literal["json", "console"]
 #: How the Redis URL is used: ``auto`` asks the server (``INFO cluster``) at start.
 RedisMode = Literal["auto", "standalone", "cluster", "sentinel"]
 _REDIS_MODES: tuple[RedisMode, ...] = ("auto", "standalone", "cluster", "sentinel")
+#: The event loop Granian's worker runs: ``auto`` is uvloop when it is installed.
+EventLoop = Literal["auto", "asyncio", "uvloop"]
+_EVENT_LOOPS: tuple[EventLoop, ...] = ("auto", "asyncio", "uvloop")
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -111,6 +115,15 @@ class Settings:
     #: many replicas have them (0: no confirmation).
     redis_min_replicas: int = 0
     redis_wait_timeout_seconds: float = 0.5
+    #: The event loop asked for (``QUIESCE_EVENT_LOOP``); :attr:`loop` is the one used.
+    event_loop: EventLoop = "auto"
+
+    @property
+    def loop(self) -> Literal["asyncio", "uvloop"]:
+        """The loop ``quiesce serve`` gives Granian: ``auto`` means uvloop when installed."""
+        if self.event_loop == "auto":
+            return "uvloop" if _uvloop_installed() else "asyncio"
+        return self.event_loop
 
     @classmethod
     def from_env(
@@ -148,6 +161,7 @@ class Settings:
             max_json_depth=env.integer("QUIESCE_MAX_JSON_DEPTH", 64, minimum=2, maximum=256),
             pod_deletion_cost=env.pod_deletion_cost(service_account_dir),
             handoff_on_drain=env.flag("QUIESCE_HANDOFF_ON_DRAIN"),
+            event_loop=env.event_loop(),
             **env.redis_topology(),
         )
 
@@ -255,6 +269,22 @@ class _Env:
         raise ConfigError(
             f"QUIESCE_REDIS_MODE: expected one of {', '.join(_REDIS_MODES)}, got {value!r}"
         )
+
+    def event_loop(self) -> EventLoop:
+        value = self.raw("QUIESCE_EVENT_LOOP")
+        if value is None:
+            return "auto"
+        choice = next((loop for loop in _EVENT_LOOPS if value.lower() == loop), None)
+        if choice is None:
+            raise ConfigError(
+                f"QUIESCE_EVENT_LOOP: expected one of {', '.join(_EVENT_LOOPS)}, got {value!r}"
+            )
+        if choice == "uvloop" and not _uvloop_installed():
+            raise ConfigError(
+                "QUIESCE_EVENT_LOOP: 'uvloop' is not installed here (it does not exist for "
+                "Windows); unset it to use uvloop only when it is installed"
+            )
+        return choice
 
     def redis_topology(self) -> dict[str, Any]:
         """TLS files, the sentinels' credentials and replica confirmation, checked
@@ -499,6 +529,11 @@ def _host_port(item: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"the sentinel address {item!r} has a bad port {port_text!r}")
     return host, int(port_text)
+
+
+def _uvloop_installed() -> bool:
+    """Whether uvloop can be imported (found, not imported: start-up stays cheap)."""
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def _split_list(value: str | None) -> tuple[str, ...]:

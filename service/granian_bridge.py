@@ -1,17 +1,30 @@
 """The bridge between Granian's signal handling and the drain — the only module that
-knows how Granian stops. Tested with granian 2.8.x (the range pinned in pyproject).
+knows how Granian stops. Tested with granian 2.8.x (the range pinned in pyproject),
+on the asyncio loop and on uvloop.
 
 Why it exists. On SIGTERM/SIGINT a Granian worker closes its listener at once
 (readiness would read "connection refused", not 503), then waits without limit for
 every open connection (an SSE stream holds it forever), and only then runs the ASGI
-lifespan shutdown. A drain started there is too late. So, in the worker:
+lifespan shutdown. A drain started there is too late.
 
-1. At lifespan startup :func:`install` replaces the worker's SIGTERM/SIGINT handlers
-   (which Granian put on the asyncio loop) with one that only calls
+How a Granian worker stops. After it has loaded the app — it calls our factory —
+the worker calls ``granian._signals.set_loop_signals(loop)``. That creates the
+worker's stop event (a ``WorkerSignal``) and adds, with ``loop.add_signal_handler``,
+SIGTERM/SIGINT handlers whose only work is to set it; setting it is what stops the
+server. The bridge needs that event and nothing else, and reads no private state of
+the loop, so it works on any event loop:
+
+0. :func:`prepare`, called by the factory, wraps ``set_loop_signals`` (the worker
+   looks the function up on its module when it calls it, after the factory), so
+   the event it returns is kept; the wrapper removes itself after that one call.
+
+1. At lifespan startup :func:`install` replaces the worker's SIGTERM/SIGINT handlers,
+   through the loop's public ``add_signal_handler``, with one that only calls
    ``Drain.begin`` — the server keeps serving while the drain runs.
-2. When the drain has finished, the saved Granian handlers are put back and the
-   worker sends itself SIGTERM: Granian stops as it always does, now with no run
-   left and no stream open, and the process exits 0.
+2. When the drain has finished, handlers that set Granian's event are put back (the
+   same thing Granian's own handlers do) and the bridge sets the event: Granian
+   stops as it always does, now with no run left and no stream open, and the
+   process exits 0.
 3. A drain started over HTTP (``POST /admin/drain`` — the preStop hook) leaves the
    server answering after it has finished, because in Kubernetes the kubelet sends
    SIGTERM only once the hook has returned; exiting earlier would kill the hook and
@@ -36,25 +49,28 @@ lifespan shutdown. A drain started there is too late. So, in the worker:
    still under way then; a run whose write had not completed is reaped by a peer
    once the lease expires, as after a crash.
 
-``quiesce serve`` runs Granian with ``--loop asyncio`` (the handlers live in the
-asyncio loop's table) and sets ``QUIESCE_GRANIAN_MAIN_PID``; if the handlers cannot
-be taken over then, start-up fails rather than run without a drain. Under a plain
-``granian`` command the bridge is installed when it can be, and an error is logged
-when it cannot (e.g. with uvloop).
+``quiesce serve`` sets ``QUIESCE_GRANIAN_MAIN_PID``; if Granian's stop event was not
+seen or the handlers cannot be taken over then, start-up fails rather than run
+without a drain. Under a plain ``granian`` command the bridge is installed when it
+can be, and an error is logged when it cannot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sys
 import threading
-from typing import Any, Final
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
-from service.runs.drain import Drain
+if TYPE_CHECKING:
+    from service.runs.drain import Drain
 
 log = structlog.get_logger(__name__)
 
@@ -77,28 +93,75 @@ ORPHAN_GRACE_SECONDS: Final = 0.0
 #: The exit status of an orphan stopped by the bound (no parent reads it; a
 #: supervisor that adopted the process may).
 ORPHAN_FORCED_EXIT_CODE: Final = 1
+#: The Granian module and function that set up a worker's stop signals.
+GRANIAN_SIGNALS_MODULE: Final = "granian._signals"
+GRANIAN_SET_LOOP_SIGNALS: Final = "set_loop_signals"
+
+
+class StopEvent(Protocol):
+    """Granian's ``WorkerSignal``: setting it stops the worker's server."""
+
+    def set(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Captured:
+    loop: asyncio.AbstractEventLoop
+    event: StopEvent
+
+
+#: The stop event Granian made for this worker, and the loop it was made for.
+_captured: _Captured | None = None
+
+
+def prepare() -> None:
+    """At factory time: keep the stop event Granian's worker creates next.
+
+    Does nothing outside a process that has loaded Granian (tests, tools), and
+    nothing the second time.
+    """
+    if "granian" not in sys.modules:
+        return
+    import importlib
+
+    module = importlib.import_module(GRANIAN_SIGNALS_MODULE)
+    original = getattr(module, GRANIAN_SET_LOOP_SIGNALS, None)
+    if original is None or getattr(original, "_quiesce_capture", False):
+        return
+    setattr(module, GRANIAN_SET_LOOP_SIGNALS, _capturing(module, original))
+
+
+def _capturing(module: Any, original: Callable[..., StopEvent]) -> Callable[..., StopEvent]:
+    @functools.wraps(original)
+    def set_loop_signals(loop: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> StopEvent:
+        global _captured
+        event = original(loop, *args, **kwargs)
+        _captured = _Captured(loop, event)
+        # One worker makes one stop event: Granian is left as it was.
+        setattr(module, GRANIAN_SET_LOOP_SIGNALS, original)
+        return event
+
+    set_loop_signals._quiesce_capture = True  # type: ignore[attr-defined]
+    return set_loop_signals
 
 
 def install(drain: Drain) -> bool:
     """Take over the worker's signal handlers; False when not running under Granian."""
     loop = asyncio.get_running_loop()
-    # asyncio's Unix loops keep {signal: Handle}; a Granian worker's are in there,
-    # recognisable by the module of their callback.
-    table: Any = getattr(loop, "_signal_handlers", None)
-    saved = {sig: table.get(sig) for sig in SIGNALS} if isinstance(table, dict) else {}
-    if saved and all(_is_granians(handle) for handle in saved.values()):
+    captured = _captured
+    if captured is not None and captured.loop is loop:
         main_pid = int(os.environ.get(MAIN_PID_ENV) or os.getppid())
-        bridge = _Bridge(loop, drain, saved, main_pid)
+        bridge = _Bridge(loop, drain, captured.event, main_pid)
         for sig in SIGNALS:
             loop.add_signal_handler(sig, bridge.on_signal, sig)
         drain.on_stopped(bridge.on_drained)
         bridge.watch_parent()
-        log.info("granian_bridge_installed", main_pid=main_pid)
+        log.info("granian_bridge_installed", main_pid=main_pid, loop=_loop_name(loop))
         return True
     if MAIN_PID_ENV in os.environ:
         raise RuntimeError(
-            "cannot take over Granian's signal handlers (is it running with --loop asyncio?); "
-            "refusing to serve without a drain"
+            "Granian's worker stop event was not seen (was the app loaded with --factory, "
+            "by a supported Granian version?); refusing to serve without a drain"
         )
     if "granian" in sys.modules:
         log.error(
@@ -109,9 +172,8 @@ def install(drain: Drain) -> bool:
     return False
 
 
-def _is_granians(handle: Any) -> bool:
-    callback = getattr(handle, "_callback", None)
-    return getattr(callback, "__module__", None) == "granian._signals"
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return type(loop).__module__.split(".")[0]
 
 
 class _Bridge:
@@ -119,12 +181,12 @@ class _Bridge:
         self,
         loop: asyncio.AbstractEventLoop,
         drain: Drain,
-        saved: dict[signal.Signals, Any],
+        stop_event: StopEvent,
         main_pid: int,
     ) -> None:
         self._loop = loop
         self._drain = drain
-        self._saved = saved
+        self._stop_event = stop_event
         self._main_pid = main_pid
         self._signalled = False
         self._handed_back = False
@@ -190,10 +252,11 @@ class _Bridge:
         self._handed_back = True
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
-        for sig, handle in self._saved.items():
-            self._loop.add_signal_handler(sig, handle._callback, *handle._args)
+        # From here on a signal does what Granian's own handler does: set the event.
+        for sig in SIGNALS:
+            self._loop.add_signal_handler(sig, self._stop_event.set)
         log.info("stopping_server", via="worker_signal")
-        os.kill(os.getpid(), signal.SIGTERM)
+        self._stop_event.set()
 
 
 def _exit_orphan() -> None:

@@ -17,14 +17,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-import httpx
 import structlog
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
-from service import __version__, granian_bridge
+from service import __version__, granian_bridge, http_client
 from service.callbacks import CallbackSender
 from service.config import Settings
 from service.egress import EgressPolicy
@@ -57,9 +56,6 @@ log = structlog.get_logger(__name__)
 
 #: Create bodies are small JSON documents; anything larger is refused with 413.
 MAX_REQUEST_BODY_BYTES: Final = 1024 * 1024
-#: Defaults of the shared client that tasks use; a task may pass its own timeout.
-HTTP_CLIENT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
-HTTP_CLIENT_LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 #: Pending callbacks may use the drain's time up to this long after the grace (the
 #: process must be gone 2 s after it), and at least the minimum.
 CALLBACK_BUDGET_AFTER_GRACE_SECONDS: Final = 1.6
@@ -70,6 +66,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app from ``settings`` (default: read from the environment)."""
     if settings is None:
         settings = Settings.from_env(os.environ)
+    # In Granian's worker: keep the stop event it creates once this factory returns.
+    granian_bridge.prepare()
     configure_logging(settings.log_format, redactor=Redactor.for_settings(settings))
     egress = EgressPolicy(settings.http_allowed_hosts)
     registry = build_registry(settings, egress)
@@ -85,9 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store = open_store(
             settings, on_error=lambda operation: app_metrics.store_errors.labels(operation).inc()
         )
-        async with httpx.AsyncClient(
-            timeout=HTTP_CLIENT_TIMEOUT, limits=HTTP_CLIENT_LIMITS, follow_redirects=False
-        ) as http:
+        async with http_client.new_client() as http:
             callbacks = CallbackSender(
                 http=http, policy=egress, key=callback_key, metrics=app_metrics
             )
@@ -143,6 +139,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # Everything built so far lives as long as the process: keep it out of the
             # garbage collector's scans (a few percent of a busy worker's time).
             gc.freeze()
+            # `quiesce serve` keeps the collector off through start-up (see cli.serve).
+            gc.enable()
             lifecycle.mark_ready()
             scheduler.adopter.start()
             try:

@@ -22,6 +22,10 @@ from tests.conftest import RedisServer, free_port
 
 BIN = Path(sys.executable).parent
 GRACE_SECONDS = 2.0
+#: The event loops the drain is proven on (``QUIESCE_EVENT_LOOP``); tests that take
+#: ``worker_loop`` run once on each, the others on the default (``auto``).
+EVENT_LOOPS = ("asyncio", "uvloop")
+ON_EVERY_LOOP = pytest.mark.parametrize("worker_loop", EVENT_LOOPS)
 
 
 @dataclass
@@ -67,13 +71,25 @@ class Server:
                 events.append(msgspec.json.decode(line))
         return events
 
+    def worker_loop(self) -> str | None:
+        """The event loop the worker runs, as the drain bridge reported it."""
+        for event in self.log_events():
+            if event.get("event") == "granian_bridge_installed":
+                return str(event["loop"])
+        return None
+
     def command_env(self) -> dict[str, str]:
         """The environment for ``quiesce drain`` run beside the server (the preStop hook)."""
         return dict(self.env)
 
 
-def start_server(tmp_path: Path, redis_url: str, **extra_env: str) -> Server:
+def start_server(
+    tmp_path: Path, redis_url: str, *, worker_loop: str | None = None, **extra_env: str
+) -> Server:
+    """Start ``quiesce serve``; with ``worker_loop``, on that event loop (checked)."""
     port = free_port()
+    if worker_loop is not None:
+        extra_env["QUIESCE_EVENT_LOOP"] = worker_loop
     env = {
         "PATH": os.environ["PATH"],
         "PORT": str(port),
@@ -99,6 +115,8 @@ def start_server(tmp_path: Path, redis_url: str, **extra_env: str) -> Server:
             raise AssertionError(f"the server exited at start:\n{server.log()}")
         try:
             if httpx.get(f"{server.url}/readyz", timeout=0.5).status_code == 200:
+                if worker_loop is not None:
+                    assert server.worker_loop() == worker_loop, server.log()
                 return server
         except httpx.HTTPError:
             pass
@@ -115,8 +133,14 @@ def stop(server: Server) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path, redis_server: RedisServer) -> Iterator[Server]:
-    instance = start_server(tmp_path, redis_server.url)
+def worker_loop() -> str | None:
+    """The default loop; :data:`ON_EVERY_LOOP` parametrizes it over both."""
+    return None
+
+
+@pytest.fixture
+def server(tmp_path: Path, redis_server: RedisServer, worker_loop: str | None) -> Iterator[Server]:
+    instance = start_server(tmp_path, redis_server.url, worker_loop=worker_loop)
     yield instance
     stop(instance)
 

@@ -26,13 +26,15 @@ from tests.conftest import RedisServer
 from tests.e2e.conftest import (
     BIN,
     GRACE_SECONDS,
+    ON_EVERY_LOOP,
     Server,
     start_server,
     stop,
     terminal_history,
 )
 
-pytestmark = pytest.mark.e2e
+# Each test runs on the asyncio loop and on uvloop: the bridge must work on both.
+pytestmark = [pytest.mark.e2e, ON_EVERY_LOOP]
 
 #: The contract's bound from the drain's start to the process's exit.
 EXIT_BOUND_SECONDS = GRACE_SECONDS + 2
@@ -53,8 +55,9 @@ async def create_sleep(http: httpx.AsyncClient, seconds: float) -> str:
     return run_id
 
 
-async def read_stream(url: str, run_id: str) -> StreamResult:
-    """Follow a run's event stream until the server ends it."""
+async def read_stream(url: str, run_id: str, replayed: asyncio.Event | None = None) -> StreamResult:
+    """Follow a run's event stream until the server ends it; ``replayed`` is set once
+    the run's ``run_started`` event has arrived."""
     chunks = []
     async with (
         httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=60.0)) as http,
@@ -63,6 +66,8 @@ async def read_stream(url: str, run_id: str) -> StreamResult:
         assert response.status_code == 200
         async for chunk in response.aiter_text():
             chunks.append(chunk)
+            if replayed is not None and "event: run_started" in "".join(chunks):
+                replayed.set()
     return StreamResult(text="".join(chunks), ended_at=time.time())
 
 
@@ -230,9 +235,9 @@ async def test_a_drain_over_http_without_sigterm_still_exits_0(server: Server) -
 
 
 async def test_a_second_signal_neither_restarts_nor_extends_the_drain(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, worker_loop: str
 ) -> None:
-    server = start_server(tmp_path, redis_server.url)
+    server = start_server(tmp_path, redis_server.url, worker_loop=worker_loop)
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
             await create_sleep(http, LONG_SECONDS)

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from service.store.redis import RedisRunStore
-from tests.e2e.conftest import Server, terminal_history
+from tests.e2e.conftest import ON_EVERY_LOOP, Server, terminal_history
 from tests.e2e.test_drain import create_sleep, read_stream
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, ON_EVERY_LOOP]
 
 #: The bound the test allows (the service's own is 2 s, see bench/orphan_exit.py).
 EXIT_WITHIN_SECONDS = 5.0
@@ -60,8 +60,9 @@ async def test_a_worker_whose_main_process_died_drains_and_exits(
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
             run_id = await create_sleep(http, 60)
             # An open event stream must not keep the orphan alive.
-            stream = asyncio.create_task(read_stream(server.url, run_id))
-            await asyncio.sleep(0.3)
+            replayed = asyncio.Event()
+            stream = asyncio.create_task(read_stream(server.url, run_id, replayed))
+            await asyncio.wait_for(replayed.wait(), 5.0)  # the stream is open and served
             assert (await http.get(f"/v1/runs/{run_id}")).json()["status"] == "running"
 
             os.kill(server.process.pid, signal.SIGKILL)  # Granian's main process only

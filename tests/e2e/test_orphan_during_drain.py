@@ -15,20 +15,23 @@ import pytest
 
 from service.store.redis import RedisRunStore
 from tests.conftest import RedisServer
-from tests.e2e.conftest import Server, start_server, stop, terminal_history
+from tests.e2e.conftest import ON_EVERY_LOOP, Server, start_server, stop, terminal_history
 from tests.e2e.test_drain import create_sleep
 from tests.e2e.test_orphan import EXIT_WITHIN_SECONDS, is_running, wait_gone, worker_pid
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, ON_EVERY_LOOP]
 
 #: Far longer than the test may take: only a shortened grace lets the worker exit.
 LONG_GRACE_SECONDS = 120
 
 
 @pytest.fixture
-def patient_server(tmp_path: Path, redis_server: RedisServer) -> Iterator[Server]:
+def patient_server(tmp_path: Path, redis_server: RedisServer, worker_loop: str) -> Iterator[Server]:
     instance = start_server(
-        tmp_path, redis_server.url, QUIESCE_SHUTDOWN_GRACE_SECONDS=str(LONG_GRACE_SECONDS)
+        tmp_path,
+        redis_server.url,
+        worker_loop=worker_loop,
+        QUIESCE_SHUTDOWN_GRACE_SECONDS=str(LONG_GRACE_SECONDS),
     )
     yield instance
     stop(instance)

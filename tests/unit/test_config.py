@@ -50,6 +50,7 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("QUIESCE_HTTP_ALLOWED_HOSTS", "example.com:443"),
     ("QUIESCE_LOG_FORMAT", "xml"),
     ("QUIESCE_LEASE_TTL_SECONDS", "1"),
+    ("QUIESCE_EVENT_LOOP", "trio"),
 ]
 
 
