@@ -143,11 +143,16 @@ class NotificationListener:
     async def _subscribe(self, pubsub: PubSub, channel: str) -> asyncio.Future[None] | None:
         """Send SUBSCRIBE (under the lock, so sends stay in state order)."""
         confirmation: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Registered before sending: the reader may take Redis's answer before the
+        # send returns here (seen with uvloop), and an answer with no confirmation
+        # waiting for it would leave the watcher waiting out SUBSCRIBE_TIMEOUT_SECONDS.
+        self._confirmations[channel] = confirmation
         try:
             await self._send_subscribe(pubsub, channel)
         except UNAVAILABLE_ERRORS:
+            if self._confirmations.get(channel) is confirmation:
+                del self._confirmations[channel]
             return None
-        self._confirmations[channel] = confirmation
         return confirmation
 
     async def _run(self) -> None:
