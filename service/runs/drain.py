@@ -189,7 +189,11 @@ class Drain:
                 )
                 shortened.cancel()
         finally:
-            everything.cancel()
+            if not everything.done():
+                everything.cancel()
+                # A cancelled gather ends with CancelledError as its exception, which
+                # asyncio would log as never retrieved: take it.
+                everything.add_done_callback(_take_outcome)
 
     async def _stop_leftovers(self, progress: DrainProgress) -> None:
         # A collection pass over thousands of runs' objects would eat the budget.
@@ -258,3 +262,8 @@ class Drain:
                 detail="their terminal write did not complete in time; once this worker's "
                 "lease expires, a peer records them as worker_lost",
             )
+
+
+def _take_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -172,7 +172,15 @@ async def test_prestop_drain_then_sigterm(server: Server, redis_store: RedisRunS
     assert code == 0, server.log()
     assert exited - started <= EXIT_BOUND_SECONDS
     await assert_drain_outcome(redis_store, short, long)
+    assert_no_loop_errors(server)
 
+
+
+def assert_no_loop_errors(server: Server) -> None:
+    """Nothing the event loop reported (a future's exception never retrieved, a task
+    destroyed while pending): each is a drain step that went wrong unseen."""
+    errors = [e for e in server.log_events() if e.get("logger") == "asyncio"]
+    assert not errors, errors
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_signal_alone_drains_and_exits_0(
@@ -207,6 +215,7 @@ async def test_a_signal_alone_drains_and_exits_0(
     assert code == 0, server.log()
     assert exited - started <= EXIT_BOUND_SECONDS, server.log()
     await assert_drain_outcome(redis_store, short, long)
+    assert_no_loop_errors(server)
     # Granian's main process stops its worker with SIGTERM whichever signal it got.
     triggers = [e["trigger"] for e in server.log_events() if e.get("event") == "drain_triggered"]
     assert triggers == ["SIGTERM"]
