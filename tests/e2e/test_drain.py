@@ -175,12 +175,12 @@ async def test_prestop_drain_then_sigterm(server: Server, redis_store: RedisRunS
     assert_no_loop_errors(server)
 
 
-
 def assert_no_loop_errors(server: Server) -> None:
     """Nothing the event loop reported (a future's exception never retrieved, a task
     destroyed while pending): each is a drain step that went wrong unseen."""
     errors = [e for e in server.log_events() if e.get("logger") == "asyncio"]
     assert not errors, errors
+
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_signal_alone_drains_and_exits_0(
