@@ -60,7 +60,7 @@ class Supervisor:
         if adopted:
             self._metrics.runs_adopted.labels(active.task.name).inc()
         else:
-            self._metrics.runs_started.labels(active.task.name).inc()
+            self._metrics.runs_started_of(active.task.name).inc()
         # A fresh context: the run must not inherit the request's bound log context.
         active.supervisor = asyncio.create_task(
             self._supervise(active),
@@ -109,16 +109,19 @@ class Supervisor:
             attempt=active.record.attempt,
         )
         work: asyncio.Task[Any] = asyncio.create_task(active.task.fn(context, active.params))
-        active.wake = loop.create_future()
+        # One future wakes the supervisor: the task function ended, a cancel request
+        # (``stop``) or the deadline, whichever comes first.
+        wake: asyncio.Future[None] = loop.create_future()
+        active.wake = wake
+        work.add_done_callback(lambda _: _resolve(wake))
+        timer = loop.call_at(active.deadline, _resolve, wake)
         try:
-            await asyncio.wait(
-                [work, active.wake],
-                timeout=max(0.0, active.deadline - loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            await wake
         except asyncio.CancelledError:
             work.cancel()
             raise
+        finally:
+            timer.cancel()
         if work.done():
             return _finished_record(active, work, self._now())
         reason: CancelReason = active.cancel_reason or "timeout"
@@ -130,6 +133,11 @@ class Supervisor:
         if not work.done():
             log.warning("task_ignored_cancellation", waited_seconds=CANCEL_WAIT_SECONDS)
         return stopped_record(active, reason, self._now())
+
+
+def _resolve(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 def _finished_record(active: ActiveRun, work: asyncio.Task[Any], now: datetime) -> RunRecord:
