@@ -228,7 +228,7 @@ class CommandPipeline:
     async def _send(self, batch: list[tuple[Command, _Job, int]]) -> None:
         confirm = [job.confirm for _, job, _ in batch]
         try:
-            results, acked = await self._run([command for command, _, _ in batch], confirm)
+            results, acked = await self._run_merged([command for command, _, _ in batch], confirm)
             missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
             if missing:
                 # Redis restarted (or flushed its script cache): load and run those again.
@@ -285,6 +285,19 @@ class CommandPipeline:
             for i, result, count in zip(moving, retried, acked_retry, strict=True):
                 results[i] = result
                 acked[i] = count
+
+    async def _run_merged(
+        self, commands: list[Command], confirm: list[bool]
+    ) -> tuple[list[Any], list[int]]:
+        """``_run``, with the SADDs to one key merged (see ``merge_sadds``)."""
+        sent, positions = merge_sadds(commands)
+        if len(sent) == len(commands):
+            return await self._run(commands, confirm)
+        sent_confirm = [False] * len(sent)
+        for i, position in enumerate(positions):
+            sent_confirm[position] |= confirm[i]
+        replies, acked = await self._run(sent, sent_confirm)
+        return [replies[p] for p in positions], [acked[p] for p in positions]
 
     def _settle(self, job: _Job, index: int, result: Any) -> None:
         job.results[index] = result
@@ -419,6 +432,41 @@ class CommandPipeline:
             for script in self._scripts.values():
                 pipe.script_load(script.source)
             await pipe.execute()
+
+
+def merge_sadds(commands: list[Command]) -> tuple[list[Command], list[int]]:
+    """The commands to send, with every ``SADD`` to a key merged into the first one to
+    that key, and for each command the position of the one that carries it.
+
+    Each create lists its run under its worker (an ``SADD`` ahead of its script), so a
+    pipeline of creates holds as many one-member SADDs to one key: one SADD with every
+    member does the same, ahead of every script it preceded. Every command that
+    shared it gets its reply (a count nobody reads) or its error. Any other command
+    naming the key first (``SREM``, ``SMEMBERS``) ends the merging: no SADD is moved
+    ahead of it.
+    """
+    sent: list[Command] = []
+    positions: list[int] = []
+    members: dict[int, list[Any]] = {}
+    open_sadds: dict[Any, int] = {}
+    for command in commands:
+        key = command[1] if len(command) > 1 else None
+        if command[0] == "SADD" and len(command) > 2:
+            position = open_sadds.get(key)
+            if position is not None:
+                members[position].extend(command[2:])
+                positions.append(position)
+                continue
+            open_sadds[key] = len(sent)
+            members[len(sent)] = list(command[2:])
+        elif key in open_sadds:
+            del open_sadds[key]
+        positions.append(len(sent))
+        sent.append(command)
+    for position, merged in members.items():
+        if len(merged) > len(sent[position]) - 2:
+            sent[position] = ("SADD", sent[position][1], *merged)
+    return sent, positions
 
 
 async def _cluster_pipeline(
