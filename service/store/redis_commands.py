@@ -139,6 +139,7 @@ class CommandPipeline:
         *,
         scripts: Iterable[LuaScript],
         timeout: float,
+        pipeline_timeout: float | None = None,
         max_in_flight: int = 4,
         max_batch: int = 512,
         min_replicas: int = 0,
@@ -149,6 +150,9 @@ class CommandPipeline:
         self.wait_timeout_ms = max(round(wait_timeout * 1000), 1)
         self._scripts = {script.sha: script for script in scripts}
         self._timeout = timeout
+        #: The most one pipeline may take on the wire (a single server's); past it
+        #: its connection is dropped and every command in it fails as unavailable.
+        self._pipeline_timeout = pipeline_timeout
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._queue: list[tuple[Command, _Job, int]] = []
@@ -327,12 +331,19 @@ class CommandPipeline:
         if isinstance(self._redis, RedisCluster):
             return await self._run_cluster(self._redis, commands, confirm)
         wait = any(confirm)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for args in commands:
-                pipe.execute_command(*args)
-            if wait:
-                pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
-            replies = list(await pipe.execute(raise_on_error=False))
+        try:
+            async with asyncio.timeout(self._pipeline_timeout):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for args in commands:
+                        pipe.execute_command(*args)
+                    if wait:
+                        pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
+                    replies = list(await pipe.execute(raise_on_error=False))
+        except TimeoutError:
+            # (redis-py drops a connection whose read or write was interrupted)
+            raise RedisTimeoutError(
+                f"the store did not answer a pipeline within {self._pipeline_timeout:g}s"
+            ) from None
         if not wait:
             return replies, [0] * len(commands)
         count = replies.pop()
@@ -428,10 +439,16 @@ class CommandPipeline:
             for script in self._scripts.values():
                 await self._redis.script_load(script.source)
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script in self._scripts.values():
-                pipe.script_load(script.source)
-            await pipe.execute()
+        try:
+            async with asyncio.timeout(self._pipeline_timeout):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script in self._scripts.values():
+                        pipe.script_load(script.source)
+                    await pipe.execute()
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"the store did not answer within {self._pipeline_timeout:g}s"
+            ) from None
 
 
 def merge_sadds(commands: list[Command]) -> tuple[list[Command], list[int]]:

@@ -59,6 +59,7 @@ MAX_IDEMPOTENCY_KEY_LENGTH: Final = IDEMPOTENCY_KEY_MAX_LENGTH
 #: Visible ASCII only: a key is stored and echoed, so no control characters, no
 #: spaces (a proxy may trim or fold them) and nothing a header cannot carry as is.
 _IDEMPOTENCY_KEY_RE: Final = re.compile(IDEMPOTENCY_KEY_PATTERN)
+_STASH: Final = "quiesce.create"
 _CREATE_REQUEST: Final = "create_request"
 #: A signed create's ``webhook-id``: its idempotency key, in the webhook key space.
 _WEBHOOK_ID: Final = "webhook_id"
@@ -132,11 +133,21 @@ async def _decode_create(request: Request[Any, Any, Any]) -> Response[Any] | Non
             rejections.count(metrics, "unauthorized")
             return error_response(401, f"invalid webhook signature: {exc}")
         # A sender retries a message with the same webhook-id: make that a replay.
-        request.state[_WEBHOOK_ID] = message_id
+        _stash(request)[_WEBHOOK_ID] = message_id
     refusal = _check_headers(request.headers) or _decode_body(request, body, services)
     if refusal is not None:
         rejections.count(metrics, "invalid")
     return refusal
+
+
+def _stash(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """What before_request hands the create handler, kept in the request's scope
+    (``request.state`` builds a State object on each access)."""
+    scope: Any = request.scope
+    stash: dict[str, Any] | None = scope.get(_STASH)
+    if stash is None:
+        stash = scope[_STASH] = {}
+    return stash
 
 
 def _check_headers(headers: Any) -> Response[Any] | None:
@@ -178,7 +189,7 @@ def _decode_body(
             services.callbacks.check(create.callback_url)
         except InvalidInput as exc:
             return invalid_request(exc.message, "callback_url")
-    request.state[_CREATE_REQUEST] = create
+    _stash(request)[_CREATE_REQUEST] = create
     return None
 
 
@@ -232,10 +243,11 @@ class RunsController(Controller):
         # checked there (service.web.openapi documents both), so the handler takes
         # no parameters for Litestar to parse again.
         services = services_of(request.app)
-        create: CreateRunRequest = request.state[_CREATE_REQUEST]
+        stash = _stash(request)
+        create: CreateRunRequest = stash[_CREATE_REQUEST]
         idempotency_key = request.headers.get("idempotency-key")
         # A client's key and a webhook's id live in separate key spaces (see run_id_for_key).
-        webhook_id = None if idempotency_key else request.state.get(_WEBHOOK_ID)
+        webhook_id = None if idempotency_key else stash.get(_WEBHOOK_ID)
         try:
             admission = await services.scheduler.create(
                 create,
