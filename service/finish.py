@@ -164,10 +164,10 @@ class Finisher:
         task, status = record.task, record.status
         reason = None if record.error is None else record.error.reason
         duration = max((self._now() - record.created_at).total_seconds(), 0.0)
-        self._metrics.runs_finished.labels(task, status).inc()
+        self._metrics.runs_finished_of(task, status).inc()
         if status == "failed" and reason is not None:
             self._metrics.run_failures.labels(task, reason).inc()
-        self._metrics.run_duration.labels(task, status).observe(duration)
+        self._metrics.run_duration_of(task, status).observe(duration)
         log.info(
             "run_finished",
             run_id=record.run_id,

@@ -25,7 +25,10 @@ import binascii
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -60,12 +63,17 @@ def configure_logging(
     """Our events through structlog's own (fast) loggers, and the standard library's
     records through a formatter with the same processors, both to stderr."""
     fmt = _resolve(log_format)
+    # Loggers are cached on first use: otherwise every call builds a new bound logger
+    # (a few µs per line). A cached logger keeps the processors list it was built
+    # with, so that list is changed in place here, never replaced — which is also how
+    # ``structlog.testing.capture_logs`` swaps processors under cached loggers.
+    processors = structlog.get_config()["processors"]
+    processors[:] = [*_shared_processors(fmt), *_final_processors(fmt, redactor)]
     structlog.configure(
-        processors=[*_shared_processors(fmt), *_final_processors(fmt, redactor)],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=_NamedWriter.factory,
-        # Not cached, so structlog.testing.capture_logs sees every logger in tests.
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(stdlib_formatter(log_format, redactor=redactor))
@@ -219,17 +227,60 @@ def _redis_password(url: str | None) -> str | None:
         return None
 
 
-class _NamedWriter(structlog.WriteLogger):
-    """structlog's plain stderr writer, carrying the name ``get_logger(__name__)`` gave
-    it, so ``add_logger_name`` works as for standard-library loggers."""
+class _NamedWriter:
+    """A line writer to stderr carrying the name ``get_logger(__name__)`` gave it, so
+    ``add_logger_name`` works as for standard-library loggers.
+
+    ``sys.stderr`` is looked up at each write, not kept: loggers are cached, and
+    whatever replaced stderr since (a test's capture) must receive the line.
+    """
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
-        super().__init__(sys.stderr)
         self.name = name
 
     @classmethod
     def factory(cls, *args: Any) -> _NamedWriter:
         return cls(str(args[0]) if args else "")
+
+    def msg(self, message: str) -> None:
+        with _WRITE_LOCK:
+            stream = sys.stderr
+            stream.write(message + "\n")
+            stream.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+_WRITE_LOCK: Final = threading.Lock()
+
+
+class _UtcTimestamp:
+    """``timestamp``: the time in UTC as RFC 3339 with microseconds, ``...T17:23:36.587021Z``.
+
+    The date and time of day are formatted once per second; each line only adds its
+    microseconds (structlog's TimeStamper formats a datetime per line).
+    """
+
+    __slots__ = ("_formatted",)
+
+    def __init__(self) -> None:
+        #: (second, its date and time of day), replaced as one (threads may log too).
+        self._formatted: tuple[int, str] = (-1, "")
+
+    def __call__(
+        self, _: Any, __: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second, prefix = self._formatted
+        if int(now) != second:
+            second = int(now)
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._formatted = (second, prefix)
+        event["timestamp"] = f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
 
 
 def _resolve(log_format: LogFormat | None) -> LogFormat:
@@ -272,7 +323,7 @@ def _shared_processors(fmt: LogFormat) -> list[Any]:
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_logger_name,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UtcTimestamp(),
         _mask_sensitive,
     ]
     if fmt == "json":

@@ -9,7 +9,7 @@ and HTTP routes are route templates (``/v1/runs/{run_id}``), never raw paths.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final, get_args
+from typing import Any, Final, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -75,6 +75,27 @@ class QueuedRuns(Collector):
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []
+
+
+class Series:
+    """A labelled metric's children, each looked up with ``labels()`` once.
+
+    ``labels()`` validates its arguments and takes a lock on every call; the metrics
+    touched by every request and every run have small, bounded label sets, so their
+    children are kept here instead.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -190,6 +211,12 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        # The series touched by every request and every run (see Series).
+        self.http_requests_of = Series(self.http_requests)
+        self.http_duration_of = Series(self.http_duration)
+        self.runs_started_of = Series(self.runs_started)
+        self.runs_finished_of = Series(self.runs_finished)
+        self.run_duration_of = Series(self.run_duration)
         #: The pending queue's length, reported by one replica at a time (see QueuedRuns).
         self.queued_runs = QueuedRuns()
         r.register(self.queued_runs)

@@ -61,7 +61,7 @@ class Supervisor:
         if adopted:
             self._metrics.runs_adopted.labels(active.task.name).inc()
         else:
-            self._metrics.runs_started.labels(active.task.name).inc()
+            self._metrics.runs_started_of(active.task.name).inc()
         # A fresh context: the run must not inherit the request's bound log context.
         active.supervisor = asyncio.create_task(
             self._supervise(active),

@@ -206,25 +206,39 @@ class RedisRunStore(RedisQueueMethods):
         self._min_replicas = min_replicas
         self._wait_timeout = wait_timeout_seconds
         # Commands: a short retry absorbs a dropped connection; the scripts are safe
-        # to repeat after a lost reply (see lua/).
+        # to repeat after a lost reply (see lua/). The pipelines' connections have no
+        # read timeout of their own: the group commit bounds each whole pipeline
+        # (SOCKET_TIMEOUT_SECONDS) instead of every reply in it, which would cost a
+        # timer per command. Server inspection keeps its per-read timeout (_redis).
+        retry = Retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=0.25),
+            retries=1,
+            supported_errors=(RedisConnectionError,),
+        )
+        self._pipelines = self._connector.client(
+            blocking=True,
+            max_connections=MAX_IN_FLIGHT,
+            timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_timeout=None,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            # Retry a dropped connection once; a timeout is already an outage.
+            retry=retry,
+            health_check_interval=30,
+        )
         self._redis = self._connector.client(
             blocking=True,
             max_connections=MAX_IN_FLIGHT,
             timeout=SOCKET_TIMEOUT_SECONDS,
             socket_timeout=SOCKET_TIMEOUT_SECONDS,
             socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            # Retry a dropped connection once; a timeout is already an outage.
-            retry=Retry(
-                ExponentialWithJitterBackoff(base=0.05, cap=0.25),
-                retries=1,
-                supported_errors=(RedisConnectionError,),
-            ),
+            retry=retry,
             health_check_interval=30,
         )
         self._commands = CommandPipeline(
-            self._redis,
+            self._pipelines,
             scripts=_SCRIPTS.values(),
             timeout=CALL_TIMEOUT_SECONDS,
+            pipeline_timeout=SOCKET_TIMEOUT_SECONDS,
             max_in_flight=MAX_IN_FLIGHT,
             min_replicas=min_replicas,
             wait_timeout=wait_timeout_seconds,
@@ -291,6 +305,7 @@ class RedisRunStore(RedisQueueMethods):
     async def _use_cluster(self) -> None:
         """Replace the (unused) single-server clients by the cluster's."""
         await self._commands.close()
+        await self._pipelines.aclose()
         await self._redis.aclose()
         self._layout = KeyLayout(cluster=True)
         cluster = cluster_client(
@@ -300,6 +315,7 @@ class RedisRunStore(RedisQueueMethods):
             connection_kwargs=self._connection_kwargs,
         )
         self._redis = cluster  # type: ignore[assignment]
+        self._pipelines = cluster  # type: ignore[assignment]
         self._commands = CommandPipeline(
             cluster,
             scripts=_SCRIPTS.values(),
@@ -339,6 +355,8 @@ class RedisRunStore(RedisQueueMethods):
         await self._commands.close()
         await self._listener.close()
         await self._queue.close()
+        if self._pipelines is not self._redis:
+            await self._pipelines.aclose()
         await self._redis.aclose()
         await self._connector.aclose()
 

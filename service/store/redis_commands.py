@@ -139,6 +139,7 @@ class CommandPipeline:
         *,
         scripts: Iterable[LuaScript],
         timeout: float,
+        pipeline_timeout: float | None = None,
         max_in_flight: int = 4,
         max_batch: int = 512,
         min_replicas: int = 0,
@@ -149,6 +150,9 @@ class CommandPipeline:
         self.wait_timeout_ms = max(round(wait_timeout * 1000), 1)
         self._scripts = {script.sha: script for script in scripts}
         self._timeout = timeout
+        #: The most one pipeline may take on the wire (a single server's); past it
+        #: its connection is dropped and every command in it fails as unavailable.
+        self._pipeline_timeout = pipeline_timeout
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._queue: list[tuple[Command, _Job, int]] = []
@@ -228,7 +232,7 @@ class CommandPipeline:
     async def _send(self, batch: list[tuple[Command, _Job, int]]) -> None:
         confirm = [job.confirm for _, job, _ in batch]
         try:
-            results, acked = await self._run([command for command, _, _ in batch], confirm)
+            results, acked = await self._run_merged([command for command, _, _ in batch], confirm)
             missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
             if missing:
                 # Redis restarted (or flushed its script cache): load and run those again.
@@ -286,6 +290,19 @@ class CommandPipeline:
                 results[i] = result
                 acked[i] = count
 
+    async def _run_merged(
+        self, commands: list[Command], confirm: list[bool]
+    ) -> tuple[list[Any], list[int]]:
+        """``_run``, with the SADDs to one key merged (see ``merge_sadds``)."""
+        sent, positions = merge_sadds(commands)
+        if len(sent) == len(commands):
+            return await self._run(commands, confirm)
+        sent_confirm = [False] * len(sent)
+        for i, position in enumerate(positions):
+            sent_confirm[position] |= confirm[i]
+        replies, acked = await self._run(sent, sent_confirm)
+        return [replies[p] for p in positions], [acked[p] for p in positions]
+
     def _settle(self, job: _Job, index: int, result: Any) -> None:
         job.results[index] = result
         job.pending -= 1
@@ -314,12 +331,19 @@ class CommandPipeline:
         if isinstance(self._redis, RedisCluster):
             return await self._run_cluster(self._redis, commands, confirm)
         wait = any(confirm)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for args in commands:
-                pipe.execute_command(*args)
-            if wait:
-                pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
-            replies = list(await pipe.execute(raise_on_error=False))
+        try:
+            async with asyncio.timeout(self._pipeline_timeout):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for args in commands:
+                        pipe.execute_command(*args)
+                    if wait:
+                        pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
+                    replies = list(await pipe.execute(raise_on_error=False))
+        except TimeoutError:
+            # (redis-py drops a connection whose read or write was interrupted)
+            raise RedisTimeoutError(
+                f"the store did not answer a pipeline within {self._pipeline_timeout:g}s"
+            ) from None
         if not wait:
             return replies, [0] * len(commands)
         count = replies.pop()
@@ -415,10 +439,51 @@ class CommandPipeline:
             for script in self._scripts.values():
                 await self._redis.script_load(script.source)
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script in self._scripts.values():
-                pipe.script_load(script.source)
-            await pipe.execute()
+        try:
+            async with asyncio.timeout(self._pipeline_timeout):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script in self._scripts.values():
+                        pipe.script_load(script.source)
+                    await pipe.execute()
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"the store did not answer within {self._pipeline_timeout:g}s"
+            ) from None
+
+
+def merge_sadds(commands: list[Command]) -> tuple[list[Command], list[int]]:
+    """The commands to send, with every ``SADD`` to a key merged into the first one to
+    that key, and for each command the position of the one that carries it.
+
+    Each create lists its run under its worker (an ``SADD`` ahead of its script), so a
+    pipeline of creates holds as many one-member SADDs to one key: one SADD with every
+    member does the same, ahead of every script it preceded. Every command that
+    shared it gets its reply (a count nobody reads) or its error. Any other command
+    naming the key first (``SREM``, ``SMEMBERS``) ends the merging: no SADD is moved
+    ahead of it.
+    """
+    sent: list[Command] = []
+    positions: list[int] = []
+    members: dict[int, list[Any]] = {}
+    open_sadds: dict[Any, int] = {}
+    for command in commands:
+        key = command[1] if len(command) > 1 else None
+        if command[0] == "SADD" and len(command) > 2:
+            position = open_sadds.get(key)
+            if position is not None:
+                members[position].extend(command[2:])
+                positions.append(position)
+                continue
+            open_sadds[key] = len(sent)
+            members[len(sent)] = list(command[2:])
+        elif key in open_sadds:
+            del open_sadds[key]
+        positions.append(len(sent))
+        sent.append(command)
+    for position, merged in members.items():
+        if len(merged) > len(sent[position]) - 2:
+            sent[position] = ("SADD", sent[position][1], *merged)
+    return sent, positions
 
 
 async def _cluster_pipeline(

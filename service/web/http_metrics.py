@@ -8,12 +8,12 @@ Either way a label value comes from a bounded set.
 
 from __future__ import annotations
 
-import time
+from time import perf_counter
 from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.exceptions import MethodNotAllowedException, NotFoundException
-from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.web.state import services_of
 
@@ -25,11 +25,8 @@ def http_metrics_middleware(app: ASGIApp) -> ASGIApp:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
-        http_scope: HTTPScope = scope
         metrics = services_of(scope["litestar_app"]).metrics
-        route = str(scope.get("path_template", UNMATCHED))
-        method = http_scope["method"]
-        started = time.perf_counter()
+        started = perf_counter()
         status = 500
 
         async def timed_send(message: Message) -> None:
@@ -41,8 +38,10 @@ def http_metrics_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, timed_send)
         finally:
-            metrics.http_requests.labels(method, route, str(status)).inc()
-            metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
+            method: str = scope["method"]
+            route = str(scope.get("path_template", UNMATCHED))
+            metrics.http_requests_of(method, route, str(status)).inc()
+            metrics.http_duration_of(method, route).observe(perf_counter() - started)
 
     return middleware
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
@@ -33,6 +33,8 @@ from service.web.errors import send_error
 #: A refused stream is told to come back after this long; streams end all the time.
 STREAM_RETRY_AFTER_SECONDS: Final = 5
 STREAM_MEDIA_TYPE: Final = "text/event-stream"
+#: How often overdue request bodies are looked for (a deadline may be overrun by this).
+SWEEP_SECONDS: Final = 0.25
 
 
 class RequestBodyTimeout(HTTPException):
@@ -73,13 +75,14 @@ def connection_limits(
 ) -> Callable[[ASGIApp], ASGIApp]:
     """The middleware factory for ``Litestar(middleware=[...])``; one budget per app."""
     budget = StreamBudget(max_streams, metrics)
+    watchdog = BodyWatchdog(body_timeout_seconds, metrics)
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
-            receive = _with_body_deadline(receive, body_timeout_seconds, metrics)
+            receive = watchdog.bounded(receive)
             handler = scope.get("route_handler")
             if getattr(handler, "media_type", None) != STREAM_MEDIA_TYPE:
                 await app(scope, receive, send)
@@ -97,33 +100,93 @@ def connection_limits(
     return factory
 
 
-def _with_body_deadline(receive: Receive, timeout: float, metrics: Metrics) -> Receive:
-    """``receive`` that gives up on the body ``timeout`` seconds from now.
+class _Waiting:
+    """A request whose ``receive`` is waiting for more of its body."""
 
-    Only the body is bounded: once its last chunk has arrived, later calls (a
-    stream waiting for the client to disconnect) wait as long as they like.
+    __slots__ = ("deadline", "expired", "task")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.expired = False
+
+
+class BodyWatchdog:
+    """Gives up on request bodies that do not arrive in time.
+
+    A timer per request (``asyncio.timeout``) would cost every request a timer
+    handle in the loop's heap. Instead, a request is listed only while its
+    ``receive`` actually waits, and one sweep every ``SWEEP_SECONDS`` (scheduled
+    only while something is listed) cancels the receives past their deadline; the
+    cancelled ``receive`` turns that into a 408. A deadline may be overrun by up to
+    one sweep period.
     """
-    deadline = asyncio.get_running_loop().time() + timeout
-    body_done = False
 
-    async def timed_receive() -> ReceiveMessage:
-        nonlocal body_done
-        if body_done:
-            return await receive()
-        try:
-            async with asyncio.timeout_at(deadline):
+    def __init__(self, timeout: float, metrics: Metrics) -> None:
+        self.timeout = timeout
+        self._metrics = metrics
+        self._waiting: dict[int, _Waiting] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._next_key = 0
+
+    def bounded(self, receive: Receive) -> Receive:
+        """``receive`` that gives up on the body ``timeout`` seconds from now.
+
+        Only the body is bounded: once its last chunk has arrived, later calls (a
+        stream waiting for the client to disconnect) wait as long as they like.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        body_done = False
+
+        async def timed_receive() -> ReceiveMessage:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            key = self._watch(loop, deadline)
+            try:
                 message = await receive()
-        except TimeoutError:
-            metrics.request_body_timeouts.inc()
-            raise RequestBodyTimeout(
-                detail=f"the request body did not arrive within {timeout:g}s",
-                headers={"Connection": "close"},
-            ) from None
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            body_done = True
-        return message
+            except asyncio.CancelledError:
+                waiting = self._waiting.pop(key, None)
+                if waiting is not None and waiting.expired and waiting.task.uncancel() == 0:
+                    raise self._timed_out() from None
+                raise
+            self._waiting.pop(key, None)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
 
-    return timed_receive
+        return timed_receive
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, deadline: float) -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        key = self._next_key
+        self._next_key = key + 1
+        self._waiting[key] = _Waiting(task, deadline)
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(
+                min(deadline, loop.time() + SWEEP_SECONDS), self._sweep, loop
+            )
+        return key
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeper = None
+        if not self._waiting:
+            return
+        now = loop.time()
+        for waiting in self._waiting.values():
+            if not waiting.expired and waiting.deadline <= now:
+                waiting.expired = True
+                waiting.task.cancel()
+        self._sweeper = loop.call_at(now + SWEEP_SECONDS, self._sweep, loop)
+
+    def _timed_out(self) -> RequestBodyTimeout:
+        self._metrics.request_body_timeouts.inc()
+        return RequestBodyTimeout(
+            detail=f"the request body did not arrive within {self.timeout:g}s",
+            headers={"Connection": "close"},
+        )
 
 
 async def _refuse_stream(send: Send, limit: int) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
+from litestar.enums import ParamType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import (
     Components,
@@ -25,6 +26,7 @@ from litestar.openapi.spec import (
     OpenAPIResponse,
     OpenAPIType,
     Operation,
+    Parameter,
     PathItem,
     Reference,
     RequestBody,
@@ -97,6 +99,27 @@ _CREATED_HEADERS: Final = {
         "with the same Idempotency-Key.",
     ),
 }
+#: The create's Idempotency-Key header. The handler reads it from the headers (checked
+#: in before_request with the same constraints), so it is documented here.
+IDEMPOTENCY_KEY_MAX_LENGTH: Final = 255
+IDEMPOTENCY_KEY_PATTERN: Final = r"^[!-~]+$"
+_IDEMPOTENCY_KEY_DESCRIPTION: Final = (
+    "Repeat a create safely: the same key and body return the original run "
+    "(1 to 255 visible ASCII characters)."
+)
+_IDEMPOTENCY_KEY: Final = Parameter(
+    name="Idempotency-Key",
+    param_in=ParamType.HEADER,
+    schema=Schema(
+        type=OpenAPIType.STRING,
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_MAX_LENGTH,
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description=_IDEMPOTENCY_KEY_DESCRIPTION,
+    ),
+    description=_IDEMPOTENCY_KEY_DESCRIPTION,
+    required=False,
+)
 _HEADERS: Final[Mapping[str, dict[str, OpenAPIHeader]]] = {
     "401": {"WWW-Authenticate": _WWW_AUTHENTICATE},
     "429": {"Retry-After": _RETRY_AFTER},
@@ -202,6 +225,7 @@ def complete(openapi: OpenAPI, registry: TaskRegistry) -> None:
                         raw=_sse_frame_schema(openapi)
                     )
             if operation.operation_id == CREATE_RUN:
+                operation.parameters = [*(operation.parameters or []), _IDEMPOTENCY_KEY]
                 operation.request_body = RequestBody(
                     required=True,
                     description=body["description"],

@@ -13,6 +13,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
     InvalidCursor,
@@ -29,6 +30,7 @@ from service.schemas import (
     TaskList,
     describe_validation_error,
     json_depth_exceeds,
+    json_encoder,
     request_decoder,
 )
 from service.store import CancelOutcome
@@ -40,6 +42,8 @@ from service.web.openapi import (
     CANCEL_RUN,
     CREATE_RUN,
     GET_RUN,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    IDEMPOTENCY_KEY_PATTERN,
     LIST_EVENTS,
     SECURITY,
     STREAM_EVENTS,
@@ -51,26 +55,59 @@ from service.web.state import Services, services_of
 from service.webhooks import InvalidSignature
 
 RUN_ID_RE: Final = re.compile(r"^run_[a-z2-7]{26}$")
-MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = IDEMPOTENCY_KEY_MAX_LENGTH
 #: Visible ASCII only: a key is stored and echoed, so no control characters, no
 #: spaces (a proxy may trim or fold them) and nothing a header cannot carry as is.
-IDEMPOTENCY_KEY_PATTERN: Final = r"^[!-~]+$"
 _IDEMPOTENCY_KEY_RE: Final = re.compile(IDEMPOTENCY_KEY_PATTERN)
+_STASH: Final = "quiesce.create"
 _CREATE_REQUEST: Final = "create_request"
 #: A signed create's ``webhook-id``: its idempotency key, in the webhook key space.
 _WEBHOOK_ID: Final = "webhook_id"
 
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(
-        name="Idempotency-Key",
-        min_length=1,
-        max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
-        pattern=IDEMPOTENCY_KEY_PATTERN,
-        description="Repeat a create safely: the same key and body return the original run "
-        "(1 to 255 visible ASCII characters).",
-    ),
-]
+
+class Accepted(Response[RunRecord]):
+    """The 202 of a create: the run record, with ``Location`` (and ``Idempotent-Replayed``
+    on a replay).
+
+    Rendered straight to its two ASGI messages: the generic path (a headers object
+    filled by ``setdefault``, the serializer looked up per response) is a noticeable
+    share of the busiest request there is, and this response never needs it.
+    """
+
+    def __init__(self, record: RunRecord, *, replayed: bool) -> None:
+        super().__init__(record, status_code=202)
+        self._replayed = replayed
+
+    # Litestar only calls the returned app (``await response(scope, receive, send)``),
+    # so a plain ASGI app stands in for an ASGIResponse here.
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIApp:  # type: ignore[override]
+        record: RunRecord = self.content
+        body = json_encoder.encode(record)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"location", f"/v1/runs/{record.run_id}".encode()),
+        ]
+        if self._replayed:
+            headers.append((b"idempotent-replayed", b"true"))
+        return _SendOnce(
+            {"type": "http.response.start", "status": 202, "headers": headers},
+            {"type": "http.response.body", "body": body, "more_body": False},
+        )
+
+
+class _SendOnce:
+    """An ASGI app that sends two prepared messages."""
+
+    __slots__ = ("_body", "_start")
+
+    def __init__(self, start: Message, body: Message) -> None:
+        self._start = start
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(self._start)
+        await send(self._body)
 
 
 async def _decode_create(request: Request[Any, Any, Any]) -> Response[Any] | None:
@@ -96,11 +133,21 @@ async def _decode_create(request: Request[Any, Any, Any]) -> Response[Any] | Non
             rejections.count(metrics, "unauthorized")
             return error_response(401, f"invalid webhook signature: {exc}")
         # A sender retries a message with the same webhook-id: make that a replay.
-        request.state[_WEBHOOK_ID] = message_id
+        _stash(request)[_WEBHOOK_ID] = message_id
     refusal = _check_headers(request.headers) or _decode_body(request, body, services)
     if refusal is not None:
         rejections.count(metrics, "invalid")
     return refusal
+
+
+def _stash(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """What before_request hands the create handler, kept in the request's scope
+    (``request.state`` builds a State object on each access)."""
+    scope: Any = request.scope
+    stash: dict[str, Any] | None = scope.get(_STASH)
+    if stash is None:
+        stash = scope[_STASH] = {}
+    return stash
 
 
 def _check_headers(headers: Any) -> Response[Any] | None:
@@ -142,7 +189,7 @@ def _decode_body(
             services.callbacks.check(create.callback_url)
         except InvalidInput as exc:
             return invalid_request(exc.message, "callback_url")
-    request.state[_CREATE_REQUEST] = create
+    _stash(request)[_CREATE_REQUEST] = create
     return None
 
 
@@ -191,17 +238,16 @@ class RunsController(Controller):
             e422="Unknown task, or the Idempotency-Key was used with a different body.",
         ),
     )
-    async def create_run(
-        self,
-        request: Request[Any, Any, Any],
-        services: NamedDependency[Services],
-        idempotency_key: IdempotencyKey = None,
-    ) -> Response[RunRecord]:
-        # The body was decoded strictly in before_request (service.web.openapi
-        # documents it), so Litestar does not decode it a second time.
-        create: CreateRunRequest = request.state[_CREATE_REQUEST]
+    async def create_run(self, request: Request[Any, Any, Any]) -> Response[RunRecord]:
+        # The body was decoded strictly in before_request and the Idempotency-Key
+        # checked there (service.web.openapi documents both), so the handler takes
+        # no parameters for Litestar to parse again.
+        services = services_of(request.app)
+        stash = _stash(request)
+        create: CreateRunRequest = stash[_CREATE_REQUEST]
+        idempotency_key = request.headers.get("idempotency-key")
         # A client's key and a webhook's id live in separate key spaces (see run_id_for_key).
-        webhook_id = None if idempotency_key else request.state.get(_WEBHOOK_ID)
+        webhook_id = None if idempotency_key else stash.get(_WEBHOOK_ID)
         try:
             admission = await services.scheduler.create(
                 create,
@@ -211,10 +257,7 @@ class RunsController(Controller):
         except QuiesceError as exc:
             rejections.count_error(services.metrics, exc)
             raise
-        headers = {"Location": f"/v1/runs/{admission.record.run_id}"}
-        if admission.replayed:
-            headers["Idempotent-Replayed"] = "true"
-        return Response(admission.record, status_code=202, headers=headers)
+        return Accepted(admission.record, replayed=admission.replayed)
 
     @get(
         "/runs/{run_id:str}",
