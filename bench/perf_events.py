@@ -21,7 +21,6 @@ Usage: .venv/bin/python bench/perf_events.py [--smoke] [--keep-logs]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -32,7 +31,7 @@ from datetime import datetime
 import httpx
 import msgspec
 import redis
-from perf_table import Options, Row, render
+from perf_table import Options, Row, options_from, render, section_parser
 from support import BENCH_DIR, Processes, Started
 
 from service.schemas import Event, RunProgress, event_decoder, event_type, record_decoder
@@ -218,11 +217,8 @@ def run(options: Options) -> list[Row]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds, not a measurement")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
-    args = parser.parse_args()
-    print(render(run(Options(smoke=args.smoke, keep_logs=args.keep_logs))))
+    args = section_parser(__doc__, "seconds, not a measurement").parse_args()
+    print(render(run(options_from(args))))
     return 0
 
 

@@ -24,7 +24,6 @@ Quiesce process holds are counted with ``CLIENT LIST`` during each window.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import math
@@ -38,7 +37,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import redis
-from perf_table import Options, Row, render
+from perf_table import Options, Row, options_from, render, section_parser
 from support import BENCH_DIR, REPO, Processes, Started
 
 TARGET = 1.5
@@ -448,16 +447,14 @@ def _ratio(measured: float, reference: float) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="50 watchers, a few seconds")
-    parser.add_argument("--keep-logs", action="store_true")
+    parser = section_parser(__doc__, "50 watchers, a few seconds")
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=10.0, help="events/s of the one run")
     parser.add_argument("--rate-many", type=float, default=1.0, help="events/s of each of N runs")
     parser.add_argument("--only", choices=("one", "many"), help="one scenario: 1 run or N runs")
     args = parser.parse_args()
     rows = run(
-        Options(smoke=args.smoke, keep_logs=args.keep_logs),
+        options_from(args),
         watchers=args.watchers,
         rate=args.rate,
         rate_many=args.rate_many,

@@ -17,14 +17,13 @@ Usage: .venv/bin/python bench/perf_runs.py [--smoke] [--keep-logs]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import httpx
 from drain_timing import GRACE_SECONDS, create_runs, run_case
-from perf_table import Options, Row, render
+from perf_table import Options, Row, options_from, render, section_parser
 from support import Processes, Started, _tree
 
 MEMORY_TARGET_MB = 200
@@ -135,11 +134,8 @@ def run(options: Options) -> list[Row]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds, not a measurement")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
-    args = parser.parse_args()
-    print(render(run(Options(smoke=args.smoke, keep_logs=args.keep_logs))))
+    args = section_parser(__doc__, "seconds, not a measurement").parse_args()
+    print(render(run(options_from(args))))
     return 0
 
 

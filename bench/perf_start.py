@@ -26,7 +26,6 @@ ratios within each repetition (see :func:`paired_ratio`).
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import os
 import sys
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_table import Options, Row, render
+from perf_table import Options, Row, options_from, render, section_parser
 from support import BIN, REPO, Processes, Started, base_env, free_port, median
 
 #: Start → ready of a Quiesce command, at most this many times the bare endpoint's.
@@ -206,10 +205,8 @@ def checkout_commands(checkout: Path) -> Callable[[int], dict[str, Command]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="two repetitions, not judged")
+    parser = section_parser(__doc__, "two repetitions, not judged")
     parser.add_argument("--repetitions", type=int, default=None)
-    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     parser.add_argument(
         "--compare-with",
         type=Path,
@@ -218,7 +215,7 @@ def main() -> None:
         help="also start another checkout's quiesce serve (memory and Redis) in the same run",
     )
     args = parser.parse_args()
-    options = Options(smoke=args.smoke, keep_logs=args.keep_logs)
+    options = options_from(args)
     repetitions = args.repetitions or (SMOKE_REPETITIONS if args.smoke else REPETITIONS)
     more = checkout_commands(args.compare_with.resolve()) if args.compare_with else None
     times = measure(options, repetitions, more) if more else measure(options, repetitions)

@@ -10,6 +10,7 @@ compare.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 
@@ -48,3 +49,16 @@ def render(rows: list[Row]) -> str:
             f"| {row.goal} | {row.measured} | {row.reference} | {ratio} | {row.target} | {met} |"
         )
     return "\n".join(lines)
+
+
+def section_parser(doc: str | None, smoke_help: str) -> argparse.ArgumentParser:
+    """The command line of a section run alone: ``--smoke`` and ``--keep-logs`` (a
+    section adds its own options)."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(smoke=args.smoke, keep_logs=args.keep_logs)
