@@ -272,6 +272,26 @@ class SentinelTopology:
                 return int(address[1])
         raise RuntimeError("no sentinel answers")
 
+    def failover_done(self, old_master: int) -> bool:
+        """Whether the failover away from ``old_master`` is complete: every sentinel
+        names the same new master, and that node says it is one. (Restarting the old
+        master before then can abort the failover: the sentinels may take the old,
+        empty node back as master and have the promoted replica resync from it.)"""
+        ports = set()
+        for port in self.sentinel_ports:
+            try:
+                with self.sentinel(port) as client:
+                    ports.add(int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1]))
+            except redis.RedisError:
+                return False
+        if len(ports) != 1 or old_master in ports:
+            return False
+        try:
+            with self.node(ports.pop()) as client:
+                return bool(client.role()[0] in (b"master", "master"))
+        except redis.RedisError:
+            return False
+
     def kill_master(self) -> int:
         """SIGKILL the current master; its port."""
         port = self.master_port_now()

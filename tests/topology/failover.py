@@ -158,7 +158,7 @@ async def run_failover(
             old_master = await asyncio.to_thread(topology.kill_master)
             windows["killed"] = time.monotonic()
             deadline = time.monotonic() + RECOVERY_LIMIT_SECONDS
-            while topology.master_port_now() == old_master and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another process
+            while not topology.failover_done(old_master) and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another process
                 await asyncio.sleep(0.1)
             outcome.promotion_seconds = time.monotonic() - windows["killed"]
             topology.restart(old_master)

@@ -25,7 +25,7 @@ async def test_a_sentinel_failover_loses_no_confirmed_run(tmp_path: Path) -> Non
     assert set(outcome.statuses) <= {202, 503}
     assert outcome.statuses.get(503), "the failover was not seen at all"
     assert outcome.recovery_seconds is not None
-    assert outcome.lost == []
+    assert outcome.lost == [], sentinel_story(tmp_path)
     assert outcome.stuck == []
     assert outcome.not_one_terminal == []
     # The stream: resumed after the failover, each event once, in order, one terminal.
@@ -37,3 +37,16 @@ async def test_a_sentinel_failover_loses_no_confirmed_run(tmp_path: Path) -> Non
     assert sum(t in TERMINAL_EVENTS for t in types) == 1
     assert types[-1] in TERMINAL_EVENTS
     assert outcome.stream_reconnects >= 1
+
+
+def sentinel_story(directory: Path) -> str:
+    """What the sentinels did (failover steps, aborts, reconfigurations): the first
+    thing to read when an accepted run is missing after the failover."""
+    marks = ("failover", "switch-master", "convert-to-slave", "promoted", "sdown", "odown")
+    lines = [
+        f"{log.name}: {line}"
+        for log in sorted(directory.glob("sentinel-*/sentinel-*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if any(mark in line for mark in marks)
+    ]
+    return "\n".join(lines)
