@@ -92,18 +92,8 @@ class NotificationListener:
 
     async def close(self) -> None:
         self._closing = True
-        task = self._task
-        if task is not None:
-            task.cancel()
-            _, pending = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
-            if pending:
-                # A cancellation that lands inside redis-py's timed read can be lost
-                # (seen on Python 3.11); closing the socket under the read ends it.
-                pubsub = self._pubsub
-                if pubsub is not None and pubsub.connection is not None:
-                    await pubsub.connection.disconnect(nowait=True)
-                task.cancel()
-                await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
+        if self._task is not None:
+            await stop_pubsub_reader(self._task, lambda: self._pubsub)
         await self._client.aclose()
 
     @contextlib.asynccontextmanager
@@ -260,6 +250,23 @@ class NotificationListener:
                 watch.notify()
         if self._cancel_listener is not None:
             self._cancel_listener.resync()
+
+
+async def stop_pubsub_reader(task: asyncio.Task[None], pubsub: Callable[[], Any]) -> None:
+    """Stop a task reading Pub/Sub (its loop checks a closing flag too).
+
+    A cancellation that lands inside redis-py's timed read can be lost (seen on
+    Python 3.11: a close then waited forever); closing the socket under the read,
+    ``pubsub()`` being the reader's current PubSub, ends it.
+    """
+    task.cancel()
+    _, pending = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
+    if pending:
+        current = pubsub()
+        if current is not None and current.connection is not None:
+            await current.connection.disconnect(nowait=True)
+        task.cancel()
+        await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
 
 
 def carried_event(data: bytes | str) -> Event | None:

@@ -50,6 +50,7 @@ from service.schemas import (
 )
 from service.store.base import Adopted, Claim
 from service.store.redis_commands import Command, LuaScript
+from service.store.redis_listener import stop_pubsub_reader
 
 log = structlog.get_logger(__name__)
 #: Its own generator: jitter must not touch the global one (tests seed and watch it).
@@ -65,9 +66,6 @@ QUEUE_SCRIPTS: Final = {name: LuaScript.load(name) for name in QUEUE_SCRIPT_NAME
 LISTENER_BACKOFF_MAX_SECONDS: Final = 2.0
 #: How long the "queued" notice may take; a late one only delays adoption to a poll.
 PUBLISH_TIMEOUT: Final = 1.0
-#: How long close() waits for the listener to take its cancellation before it closes
-#: the listener's socket under it.
-LISTENER_CLOSE_TIMEOUT_SECONDS: Final = 0.5
 
 Call = Callable[[str, list[Command]], Awaitable[list[Any]]]
 
@@ -129,18 +127,8 @@ class RedisQueue:
 
     async def close(self) -> None:
         self._closing = True
-        listener = self._listener
-        if listener is not None:
-            listener.cancel()
-            _, pending = await asyncio.wait({listener}, timeout=LISTENER_CLOSE_TIMEOUT_SECONDS)
-            if pending:
-                # A cancellation that lands inside redis-py's timed read can be lost
-                # (seen on Python 3.11: close() then waited forever); closing the
-                # socket under the read ends it, and the loop checks _closing.
-                if self._pubsub is not None and self._pubsub.connection is not None:
-                    await self._pubsub.connection.disconnect(nowait=True)
-                listener.cancel()
-                await asyncio.wait({listener})
+        if self._listener is not None:
+            await stop_pubsub_reader(self._listener, lambda: self._pubsub)
         await self._client.aclose()
 
     # --- requeue --------------------------------------------------------------------
