@@ -215,25 +215,17 @@ class RedisRunStore(RedisQueueMethods):
             retries=1,
             supported_errors=(RedisConnectionError,),
         )
-        self._pipelines = self._connector.client(
-            blocking=True,
-            max_connections=MAX_IN_FLIGHT,
-            timeout=SOCKET_TIMEOUT_SECONDS,
-            socket_timeout=None,
-            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        pool: dict[str, Any] = {
+            "blocking": True,
+            "max_connections": MAX_IN_FLIGHT,
+            "timeout": SOCKET_TIMEOUT_SECONDS,
+            "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
             # Retry a dropped connection once; a timeout is already an outage.
-            retry=retry,
-            health_check_interval=30,
-        )
-        self._redis = self._connector.client(
-            blocking=True,
-            max_connections=MAX_IN_FLIGHT,
-            timeout=SOCKET_TIMEOUT_SECONDS,
-            socket_timeout=SOCKET_TIMEOUT_SECONDS,
-            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            retry=retry,
-            health_check_interval=30,
-        )
+            "retry": retry,
+            "health_check_interval": 30,
+        }
+        self._pipelines = self._connector.client(**pool, socket_timeout=None)
+        self._redis = self._connector.client(**pool, socket_timeout=SOCKET_TIMEOUT_SECONDS)
         self._commands = CommandPipeline(
             self._pipelines,
             scripts=_SCRIPTS.values(),
