@@ -44,6 +44,26 @@ class CountingStore:
         return await self._store.events(run_id, after=after, limit=limit)
 
 
+def counted_streams(
+    store: RunStore, run_id: str, count: int
+) -> tuple[CountingStore, EventFeeds, list[AsyncIterator[bytes]]]:
+    """``count`` streams of a run sharing one EventFeeds, over a store whose event
+    reads are counted."""
+    counting = CountingStore(store)
+    feeds = EventFeeds(counting)  # type: ignore[arg-type]
+    streams = [
+        event_stream(
+            counting,  # type: ignore[arg-type]
+            run_id,
+            after=None,
+            draining=asyncio.Event(),
+            feeds=feeds,
+        )
+        for _ in range(count)
+    ]
+    return counting, feeds, streams
+
+
 def ids_in(chunks: list[bytes]) -> list[str]:
     return [
         line.removeprefix(b"id: ").decode()
@@ -71,18 +91,7 @@ async def test_every_stream_of_a_run_gets_every_event_from_one_read_each(
     store: RunStore,
 ) -> None:
     record = await created(store)
-    counting = CountingStore(store)
-    feeds = EventFeeds(counting)  # type: ignore[arg-type]
-    streams = [
-        event_stream(
-            counting,  # type: ignore[arg-type]
-            record.run_id,
-            after=None,
-            draining=asyncio.Event(),
-            feeds=feeds,
-        )
-        for _ in range(STREAMS)
-    ]
+    counting, feeds, streams = counted_streams(store, record.run_id, STREAMS)
     readers = await opened(streams)
     await asyncio.sleep(0.2)  # every stream has replayed and waits
     assert len(feeds) == 1
@@ -172,16 +181,8 @@ async def test_a_thousand_streams_of_a_run_hold_one_subscription(
 
 async def test_events_carried_by_their_notices_are_sent_without_a_read(store: RunStore) -> None:
     record = await created(store)
-    counting = CountingStore(store)
-    feeds = EventFeeds(counting)  # type: ignore[arg-type]
-    stream = event_stream(
-        counting,  # type: ignore[arg-type]
-        record.run_id,
-        after=None,
-        draining=asyncio.Event(),
-        feeds=feeds,
-    )
-    (reader,) = await opened([stream])
+    counting, _, streams = counted_streams(store, record.run_id, 1)
+    (reader,) = await opened(streams)
     await asyncio.sleep(0.2)  # replayed, subscribed, waiting
     reads_before = counting.reads
     for step in range(1, 6):
@@ -221,18 +222,7 @@ async def test_a_batch_of_events_is_announced_once_and_every_event_reaches_every
     """A batch's one notice carries only its last id (Redis): the feed reads the batch
     once and every stream gets all of it, in order."""
     record = await created(store)
-    counting = CountingStore(store)
-    feeds = EventFeeds(counting)  # type: ignore[arg-type]
-    streams = [
-        event_stream(
-            counting,  # type: ignore[arg-type]
-            record.run_id,
-            after=None,
-            draining=asyncio.Event(),
-            feeds=feeds,
-        )
-        for _ in range(3)
-    ]
+    _, _, streams = counted_streams(store, record.run_id, 3)
     readers = await opened(streams)
     await asyncio.sleep(0.2)  # replayed, subscribed, waiting
     await store.append_many(record.run_id, [progress(step) for step in range(1, 6)], first_seq=1)
