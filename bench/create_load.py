@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from perf_table import Options
-from support import Processes, Started, median, post_accepted, wrk
+from support import Load, Processes, Started, load_of, median, post_accepted, wrk
 
 BODY = b'{"task":"sleep","input":{"seconds":0}}'
 #: Every Quiesce server of these sections: no 429 at capacity, a short drain at exit.
@@ -41,21 +41,6 @@ def plan_for(options: Options) -> Plan:
     if options.smoke:
         return Plan(rounds=1, seconds=1, warmup=1, pause=0.2)
     return Plan(rounds=3, seconds=8, warmup=3)
-
-
-@dataclass(frozen=True)
-class Load:
-    """One wrk run's figures."""
-
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    non_2xx: int
-    socket_errors: int
-
-    @property
-    def failures(self) -> int:
-        return self.non_2xx + self.socket_errors
 
 
 @dataclass
@@ -108,15 +93,7 @@ def run_load(url: str, plan: Plan, connections: int, seconds: int) -> Load:
         body=BODY,
         key_prefix=secrets.token_hex(6),
     )
-    return Load(
-        rps=result["requests"] / (result["duration_us"] / 1e6),
-        p50_ms=result["p50_us"] / 1000,
-        p99_ms=result["p99_us"] / 1000,
-        non_2xx=result["non_2xx_3xx"],
-        socket_errors=sum(
-            result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
-        ),
-    )
+    return load_of(result)
 
 
 def measure(section: str, servers: list[Server], plan: Plan, connections: int) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import msgspec
-from support import BENCH_DIR, Processes, Started, median, post_accepted, wrk
+from support import BENCH_DIR, Processes, Started, load_of, median, post_accepted, wrk
 
 AIM = 0.70
 
@@ -69,15 +69,14 @@ def measure(target: Target, args: argparse.Namespace) -> Round:
     )
     cpu = target.server.cpu_seconds() - cpu_before
     redis_cpu = target.redis.cpu_seconds() - redis_before if target.redis else None
-    requests = max(result["requests"], 1)
+    load = load_of(result)
+    requests = max(load.requests, 1)
     return Round(
-        rps=result["requests"] / (result["duration_us"] / 1e6),
-        p50_ms=result["p50_us"] / 1000,
-        p99_ms=result["p99_us"] / 1000,
-        non_2xx=result["non_2xx_3xx"],
-        socket_errors=sum(
-            result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
-        ),
+        rps=load.rps,
+        p50_ms=load.p50_ms,
+        p99_ms=load.p99_ms,
+        non_2xx=load.non_2xx,
+        socket_errors=load.socket_errors,
         server_cpu_ms_per_req=cpu * 1000 / requests,
         redis_cpu_ms_per_req=None if redis_cpu is None else redis_cpu * 1000 / requests,
     )

@@ -261,6 +261,36 @@ def wrk(
     return result
 
 
+@dataclass(frozen=True)
+class Load:
+    """One wrk run's figures."""
+
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+
+    @property
+    def failures(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+def load_of(result: dict[str, int]) -> Load:
+    """The figures of a :func:`wrk` result."""
+    return Load(
+        requests=result["requests"],
+        rps=result["requests"] / (result["duration_us"] / 1e6),
+        p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+        non_2xx=result["non_2xx_3xx"],
+        socket_errors=sum(
+            result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+        ),
+    )
+
+
 def post_accepted(url: str, body: bytes, headers: dict[str, str] | None = None) -> None:
     """One create must be a 202 before a load starts (a 429 or 401 would skew it)."""
     response = httpx.post(
